@@ -1,0 +1,56 @@
+"""Denoising networks for DDPM (Ho et al. 2020), built from the config.
+
+`get_model` is the only place `config.model` is unpacked; the networks themselves take plain
+arguments.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax.models import unet
+
+_MODELS = {'ddpm_unet': unet.UNet}
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# These variance types make the network predict log-variance coefficients next to the mean.
+_LEARNED_VAR_TYPES = ('learned', 'learned_range')
+
+
+def _get_dtype(name: str, key: str) -> Any:
+    if name not in _DTYPES:
+        raise ValueError(f'unknown config.model.{key} {name!r}; choose one of {sorted(_DTYPES)}')
+    return _DTYPES[name]
+
+
+def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
+    """Builds the denoising network that `config.model` describes.
+
+    Args:
+        config: the experiment config; reads `model.*`, `data.num_channels` and
+            `diffusion.model_var_type`.
+
+    Returns:
+        An unbound UNet whose output has `num_channels` channels, or twice that when the
+        variance is learned.
+    """
+    m = config.model
+    if m.name not in _MODELS:
+        raise ValueError(f'unknown model {m.name!r}; choose one of {sorted(_MODELS)}')
+    num_channels = config.data.num_channels
+    learned_var = config.diffusion.model_var_type in _LEARNED_VAR_TYPES
+    return _MODELS[m.name](
+        ch=m.ch,
+        out_ch=2 * num_channels if learned_var else num_channels,
+        # A ConfigDict may hold these as lists (e.g. after a command-line override).
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        resamp_with_conv=m.resamp_with_conv,
+        num_groups=m.num_groups,
+        dtype=_get_dtype(m.dtype, 'dtype'),
+        param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
+    )

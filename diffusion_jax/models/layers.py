@@ -1,0 +1,215 @@
+"""Building blocks of the DDPM U-Net (Ho et al. 2020, Appendix B; the original `diffusion_tf/nn.py`
+and `diffusion_tf/models/unet.py`).
+
+The sinusoidal timestep embedding (Vaswani et al. 2017, as in tensor2tensor), the Wide-ResNet
+style residual block with an additive timestep projection, single-head self-attention over all
+spatial positions, and the stride-2 down- and nearest-neighbour upsampling layers. Submodule
+names mirror the original TensorFlow variable scopes (`norm1`, `conv1`, `temb_proj`, `q`,
+`proj_out`, ...) so that original checkpoints can be ported name for name.
+
+Every module takes `dtype` (the compute dtype) and `param_dtype` (the storage dtype of its
+parameters) and passes both to its Conv, Dense and GroupNorm layers.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The original uses tf.contrib.layers.group_norm, whose epsilon is 1e-6 (PyTorch ports use 1e-5).
+GROUP_NORM_EPSILON = 1e-6
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+    """Variance scaling, fan_avg, uniform: the original's initializer for every kernel.
+
+    Args:
+        scale: variance scale; 0 stands for 1e-10, the original's near-zero init of the last
+            layer of each residual branch and of the output conv.
+
+    Returns:
+        A Flax initializer.
+    """
+    return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
+
+
+def get_timestep_embedding(timesteps: jax.typing.ArrayLike, embedding_dim: int) -> jax.Array:
+    """Sinusoidal embedding [sin(t * f_i), cos(t * f_i)] with f_i = exp(-ln(10000) i / (half - 1)).
+
+    Args:
+        timesteps: [B] integer timesteps (0-indexed).
+        embedding_dim: D, the embedding width; an odd D gets a zero last column.
+
+    Returns:
+        [B, D] float32 embedding.
+    """
+    timesteps = jnp.asarray(timesteps)
+    if timesteps.ndim != 1:
+        raise ValueError(f'timesteps must have shape [B], got {timesteps.shape}')
+    half_dim = embedding_dim // 2
+    if half_dim < 2:
+        # The frequency spacing divides by half_dim - 1.
+        raise ValueError(f'embedding_dim must be at least 4, got {embedding_dim}')
+    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000) / (half_dim - 1)))
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, swish, conv3x3, + Dense(swish(temb)), GroupNorm, swish, dropout, conv3x3.
+
+    Attributes:
+        out_ch: output channels; None keeps the input's channel count.
+        dropout: dropout rate before the second conv.
+        num_groups: GroupNorm groups.
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    out_ch: int | None = None
+    dropout: float = 0.0
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        """Applies the block.
+
+        Args:
+            x: [B, H, W, C] feature map.
+            temb: [B, E] timestep embedding (after the embedding MLP).
+            train: enables dropout (rng collection 'dropout').
+
+        Returns:
+            [B, H, W, out_ch] feature map.
+        """
+        in_ch = x.shape[-1]
+        out_ch = in_ch if self.out_ch is None else self.out_ch
+        dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+        norm = {'num_groups': self.num_groups, 'epsilon': GROUP_NORM_EPSILON, **dtypes}
+        conv = {'kernel_size': (3, 3), 'padding': 'SAME', **dtypes}
+
+        h = nn.swish(nn.GroupNorm(name='norm1', **norm)(x))
+        h = nn.Conv(out_ch, kernel_init=default_init(), name='conv1', **conv)(h)
+        temb_proj = nn.Dense(out_ch, kernel_init=default_init(), name='temb_proj', **dtypes)
+        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(nn.GroupNorm(name='norm2', **norm)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        # Near-zero init makes each fresh block start close to the identity.
+        h = nn.Conv(out_ch, kernel_init=default_init(0.0), name='conv2', **conv)(h)
+
+        if in_ch != out_ch:
+            # The original's `nin` is a Dense on the channel axis (kernel [C_in, C_out]).
+            x = nn.Dense(out_ch, kernel_init=default_init(), name='nin_shortcut', **dtypes)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection.
+
+    Attributes:
+        num_groups: GroupNorm groups.
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x + proj_out(softmax(q k^T / sqrt(C)) v), with q, k, v 1x1 projections of GroupNorm(x).
+
+        Args:
+            x: [B, H, W, C] feature map.
+
+        Returns:
+            [B, H, W, C] feature map.
+        """
+        b, height, width, c = x.shape
+        dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+        h = nn.GroupNorm(
+            num_groups=self.num_groups, epsilon=GROUP_NORM_EPSILON, name='norm', **dtypes
+        )(x)
+        q, k, v = (
+            nn.Dense(c, kernel_init=default_init(), name=name, **dtypes)(h) for name in 'qkv'
+        )
+        # [B, T, N, C] with one head; the default scale is 1 / sqrt(C), as in the original.
+        q, k, v = (a.reshape(b, height * width, 1, c) for a in (q, k, v))
+        h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        h = nn.Dense(c, kernel_init=default_init(0.0), name='proj_out', **dtypes)(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Halves H and W: a stride-2 3x3 conv, or 2x2 average pooling.
+
+    TF's 'SAME' padding (which Flax and lax share) pads an even-sized input only at the bottom
+    and right for a stride-2 3x3 conv; PyTorch's symmetric padding of 1 is a different function.
+
+    Attributes:
+        with_conv: use the conv (else average pooling, which has no parameters).
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    with_conv: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Downsamples x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C]."""
+        if self.with_conv:
+            return nn.Conv(
+                x.shape[-1],
+                kernel_size=(3, 3),
+                strides=(2, 2),
+                padding='SAME',
+                kernel_init=default_init(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name='conv',
+            )(x)
+        # TF's avg_pool leaves padded cells out of the mean (matters only for odd sizes).
+        return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour x2, then a 3x3 conv.
+
+    The original resizes with align_corners=True; for an exact factor of 2 its nearest source
+    index round(i (H - 1) / (2H - 1)) equals i // 2, i.e. each pixel repeated twice.
+
+    Attributes:
+        with_conv: apply the 3x3 conv after resizing.
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    with_conv: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.with_conv:
+            x = nn.Conv(
+                x.shape[-1],
+                kernel_size=(3, 3),
+                padding='SAME',
+                kernel_init=default_init(),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name='conv',
+            )(x)
+        return x
