@@ -1,0 +1,415 @@
+"""Config validation: every problem in an experiment config, found before anything is built.
+
+`validate(config)` checks a `ConfigDict` with the sections of `configs/cifar10.py` against
+`SCHEMA` (the expected type of each dotted key, whether None is allowed, the choices of string
+enums, numeric ranges) and against the constraints that tie keys together: the DDPM U-Net's
+downsampling and attention resolutions (Ho et al. 2020, Appendix B), GroupNorm divisibility,
+beta schedule endpoints, and which losses can train which variance (Nichol & Dhariwal 2021,
+Section 3.1: L_simple leaves a learned variance untrained). It raises one `ConfigError` whose
+message has one line per problem, `config.<section>.<key>: <what is wrong> (<the fix>)`.
+
+`main` runs `load_config_file` / `validate` before JAX initialises; this module imports neither
+JAX nor TensorFlow so that check stays instant.
+"""
+
+import difflib
+import importlib.machinery
+import importlib.util
+import math
+import numbers
+import os
+import reprlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A bad config or config file; the message has one line per problem."""
+
+
+class Field(NamedTuple):
+    """What one config key may hold.
+
+    `type` is int, float (ints accepted), bool, str, or tuple (a tuple or list of ints); a bool is
+    never an int or a float. `nullable` allows None (`config_dict.placeholder` fields). `choices`
+    lists a string enum's values. `bounds` is a numeric range in interval notation, '[0, 1)' or
+    '(0, inf)', applied to every entry of a tuple. `nonempty` rejects '' and ().
+    """
+
+    type: type
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    bounds: str = ''
+    nonempty: bool = False
+
+
+_DTYPES = ('float32', 'bfloat16', 'float16')
+_POSITIVE = '[1, inf)'  # for ints
+_NON_NEGATIVE = '[0, inf)'
+
+# Exactly the fields of configs/cifar10.py, in its order.
+SCHEMA: dict[str, Field] = {
+    'data.dataset': Field(str, nonempty=True),  # free text: a tfds name, 'digits', 'folder', 'npz'
+    'data.data_dir': Field(str, nullable=True),
+    'data.path': Field(str, nullable=True),
+    'data.image_size': Field(int, bounds=_POSITIVE),
+    'data.num_channels': Field(int, bounds=_POSITIVE),
+    'data.random_flip': Field(bool),
+    'data.train_split': Field(str, nonempty=True),
+    'data.eval_split': Field(str, nonempty=True),
+    'model.name': Field(str, choices=('ddpm_unet',)),
+    'model.ch': Field(int, bounds=_POSITIVE),
+    'model.ch_mult': Field(tuple, bounds=_POSITIVE, nonempty=True),
+    'model.num_res_blocks': Field(int, bounds=_POSITIVE),
+    'model.attn_resolutions': Field(tuple),
+    'model.dropout': Field(float, bounds='[0, 1)'),
+    'model.resamp_with_conv': Field(bool),
+    'model.num_groups': Field(int, bounds=_POSITIVE),
+    'model.dtype': Field(str, choices=_DTYPES),
+    'model.param_dtype': Field(str, choices=_DTYPES),
+    'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
+    'diffusion.beta_schedule': Field(str, choices=('linear', 'quad', 'cosine', 'const', 'jsd')),
+    'diffusion.beta_start': Field(float),  # range depends on the schedule: _check_betas
+    'diffusion.beta_end': Field(float),
+    'diffusion.model_mean_type': Field(str, choices=('eps', 'xstart', 'xprev')),
+    'diffusion.model_var_type': Field(
+        str, choices=('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
+    ),
+    'diffusion.loss_type': Field(str, choices=('mse', 'kl', 'rescaled_kl', 'hybrid')),
+    'training.batch_size': Field(int, bounds=_POSITIVE),
+    'training.num_train_steps': Field(int, bounds=_NON_NEGATIVE),
+    'training.log_every_steps': Field(int, bounds=_POSITIVE),
+    'training.checkpoint_every_steps': Field(int, bounds=_POSITIVE),
+    'training.keep_checkpoints': Field(int, bounds=_POSITIVE),
+    'training.sample_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
+    'training.seed': Field(int),
+    'optim.optimizer': Field(str, choices=('adam', 'adamw')),
+    'optim.learning_rate': Field(float, bounds='(0, inf)'),
+    'optim.warmup_steps': Field(int, bounds=_NON_NEGATIVE),
+    'optim.grad_clip': Field(float, bounds=_NON_NEGATIVE),  # 0 disables
+    'optim.weight_decay': Field(float, bounds=_NON_NEGATIVE),
+    'optim.beta1': Field(float, bounds='(0, 1)'),
+    'optim.beta2': Field(float, bounds='(0, 1)'),
+    'optim.eps': Field(float, bounds='(0, inf)'),
+    'optim.ema_decay': Field(float, bounds='[0, 1)'),
+    'sampling.sampler': Field(str, choices=('ancestral', 'ddim')),
+    'sampling.num_steps': Field(int, nullable=True, bounds=_POSITIVE),  # <= T: _check_num_steps
+    'sampling.eta': Field(float, bounds=_NON_NEGATIVE),
+    'sampling.clip_denoised': Field(bool),
+    'sampling.num_samples': Field(int, bounds=_POSITIVE),
+    'sampling.batch_size': Field(int, bounds=_POSITIVE),
+    'eval.batch_size': Field(int, bounds=_POSITIVE),
+    'eval.bpd': Field(bool),
+    'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
+}
+
+# section -> its keys, in schema order.
+_SECTIONS: dict[str, list[str]] = {}
+for _section, _, _key in (dotted.partition('.') for dotted in SCHEMA):
+    _SECTIONS.setdefault(_section, []).append(_key)
+
+_NAMES = {int: 'an int', float: 'a float', bool: 'a bool', str: 'a str', tuple: 'a tuple of ints'}
+_MISSING = object()
+
+
+def _line(key: str, what: str, fix: str) -> str:
+    return f'config.{key}: {what} ({fix})'
+
+
+def _did_you_mean(name: str, candidates: list[str], prefix: str) -> str | None:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f'did you mean {prefix}{close[0]}?' if close else None
+
+
+def _check_structure(config: ml_collections.ConfigDict) -> Iterator[str]:
+    """Unknown and missing sections and keys."""
+    for name in config:
+        if name not in _SECTIONS:
+            fix = _did_you_mean(name, list(_SECTIONS), 'config.')
+            yield _line(name, 'unknown section', fix or f'the sections are {list(_SECTIONS)}')
+    for section, keys in _SECTIONS.items():
+        sub = config.get(section, _MISSING)
+        if sub is _MISSING:
+            yield _line(section, 'missing section', 'add it; configs/cifar10.py has them all')
+        elif not isinstance(sub, ml_collections.ConfigDict):
+            got = f'must be a section (ConfigDict), got {type(sub).__name__}'
+            yield _line(section, got, 'configs/cifar10.py shows its keys')
+        else:
+            for key in sub:
+                if key not in keys:
+                    yield _line(f'{section}.{key}', 'unknown key', _unknown_key_fix(section, key))
+            for key in keys:
+                if key not in sub:
+                    yield _line(f'{section}.{key}', 'missing', 'add it; configs/cifar10.py has all')
+
+
+def _unknown_key_fix(section: str, key: str) -> str:
+    """A close name in the same section, else the same name in another section, else the list."""
+    suggestion = _did_you_mean(key, _SECTIONS[section], f'config.{section}.')
+    elsewhere = [dotted for dotted in SCHEMA if dotted.endswith(f'.{key}')]
+    if suggestion or elsewhere:
+        return suggestion or f'did you mean config.{elsewhere[0]}?'
+    return f'remove it; config.{section} takes {_SECTIONS[section]}'
+
+
+def _has_type(value: Any, expected: type) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool subclasses int, but True is no batch size
+        return False
+    if expected is int:
+        return isinstance(value, numbers.Integral)
+    if expected is float:
+        return isinstance(value, numbers.Real)
+    if expected is str:
+        return isinstance(value, str)
+    return isinstance(value, tuple | list) and all(_has_type(x, int) for x in value)
+
+
+def _type_problem(key: str, field: Field, value: Any) -> str | None:
+    expected = _NAMES[field.type]
+    if value is None:
+        if field.nullable:
+            return None
+        return _line(key, f'is None but must be {expected}', 'only placeholder fields may be None')
+    if _has_type(value, field.type):
+        return None
+    what = f'must be {expected}, got {type(value).__name__} {reprlib.repr(value)}'
+    if isinstance(value, bool) and field.type in (int, float):
+        return _line(key, what, f'a bool is not a number here; write {expected}')
+    if isinstance(value, str) and field.type in (int, float):
+        try:
+            field.type(value)
+            return _line(key, what, f'write {value.strip()} without quotes')
+        except ValueError:
+            pass
+    return _line(key, what, f'write {expected}')
+
+
+def _parse_bounds(bounds: str) -> tuple[float, float, bool, bool]:
+    lo, hi = (float(part) for part in bounds[1:-1].split(','))
+    return lo, hi, bounds[0] == '(', bounds[-1] == ')'
+
+
+def _in_bounds(x: float, bounds: str) -> bool:
+    lo, hi, lo_open, hi_open = _parse_bounds(bounds)
+    above = x > lo if lo_open else x >= lo
+    below = x < hi if hi_open else x <= hi
+    return above and below  # NaN fails both
+
+
+def _describe_bounds(bounds: str, is_int: bool) -> tuple[str, str]:
+    """('must be ...', the fix) for a range in interval notation."""
+    lo, hi, lo_open, _ = _parse_bounds(bounds)
+    if hi == math.inf and lo_open and lo == 0:
+        return 'must be positive', 'use a value > 0'
+    if hi == math.inf and is_int and lo == 1:
+        return 'must be positive', 'use 1 or more'
+    if hi == math.inf and not lo_open:
+        return f'must be >= {lo:g}', f'use {lo:g} or more'
+    return f'must be in {bounds}', f'use a value in {bounds}'
+
+
+def _value_problem(key: str, field: Field, value: Any) -> str | None:
+    """Choices, emptiness and range of a value of the right type."""
+    if field.choices and value not in field.choices:
+        fix = f'choose one of {sorted(field.choices)}'
+        close = difflib.get_close_matches(value, field.choices, n=1)
+        if close:
+            fix = f'did you mean {close[0]!r}? {fix}'
+        return _line(key, f'unknown value {value!r}', fix)
+    if field.nonempty and not (value.strip() if isinstance(value, str) else value):
+        return _line(key, 'must not be empty', 'see the comment on this key in configs/cifar10.py')
+    if not field.bounds:
+        return None
+    entries = value if field.type is tuple else (value,)
+    if all(_in_bounds(x, field.bounds) for x in entries):
+        return None
+    what, fix = _describe_bounds(field.bounds, field.type in (int, tuple))
+    if field.type is tuple:
+        what = f'entries {what}'
+    return _line(key, f'{what}, got {value!r}', fix)
+
+
+def _check_field(key: str, field: Field, value: Any) -> str | None:
+    problem = _type_problem(key, field, value)
+    if problem or value is None:
+        return problem
+    return _value_problem(key, field, value)
+
+
+def _have(values: dict[str, Any], *keys: str) -> bool:
+    """Whether every key passed its own checks and is not None."""
+    return all(values.get(key) is not None for key in keys)
+
+
+def _check_data_path(v: dict[str, Any]) -> Iterator[str]:
+    dataset = v.get('data.dataset')
+    if dataset in ('folder', 'npz') and 'data.path' in v and not v['data.path']:
+        what = f'is not set, but data.dataset {dataset!r} reads from it'
+        target = 'an image folder' if dataset == 'folder' else 'an .npz file'
+        yield _line('data.path', what, f'set it to {target}')
+
+
+def _check_resolutions(v: dict[str, Any]) -> Iterator[str]:
+    """The U-Net halves the image len(ch_mult) - 1 times; attention must hit one of its sizes."""
+    if not _have(v, 'data.image_size', 'model.ch_mult'):
+        return
+    size, levels = v['data.image_size'], len(v['model.ch_mult'])
+    factor = 2 ** (levels - 1)
+    if size % factor:
+        lower = size // factor * factor
+        sizes = ' or '.join(str(s) for s in (lower, lower + factor) if s > 0)
+        most = (size & -size).bit_length()  # size & -size is the largest power of 2 dividing it
+        what = f'{size} is not divisible by {factor}, as the {levels} levels of model.ch_mult need'
+        levels_text = f'{most} level' if most == 1 else f'{most} levels'
+        fix = f'use a multiple of {factor} such as {sizes}, or at most {levels_text} in ch_mult'
+        yield _line('data.image_size', what, fix)
+        return
+    seen = [size // 2**i for i in range(levels)]
+    if bad := [r for r in v.get('model.attn_resolutions') or () if r not in seen]:
+        if len(bad) == 1:
+            what = f'resolution {bad[0]} never occurs'
+        else:
+            what = f'resolutions {", ".join(map(str, bad))} never occur'
+        yield _line('model.attn_resolutions', f'{what}; the U-Net sees {seen}', 'choose from those')
+
+
+def _check_group_norm(v: dict[str, Any]) -> Iterator[str]:
+    """GroupNorm splits the channels of conv_in (ch) and of every level (ch * mult) evenly."""
+    if not _have(v, 'model.ch', 'model.ch_mult', 'model.num_groups'):
+        return
+    ch, groups = v['model.ch'], v['model.num_groups']
+    counts = sorted({ch, *(ch * mult for mult in v['model.ch_mult'])})
+    if bad := [c for c in counts if c % groups]:
+        gcd = math.gcd(*counts)
+        largest = max(d for d in range(1, min(groups, gcd) + 1) if gcd % d == 0)
+        what = f'GroupNorm({groups}) cannot split the channel counts {bad} of model.ch={ch}'
+        fix = f'make model.ch * ch_mult multiples of {groups}, or set num_groups to {largest}'
+        yield _line('model.num_groups', what, fix)
+
+
+def _check_betas(v: dict[str, Any]) -> Iterator[str]:
+    """linear, quad and const need 0 < beta_start <= beta_end < 1 (cosine and jsd ignore them)."""
+    start, end = v.get('diffusion.beta_start'), v.get('diffusion.beta_end')
+    schedule = v.get('diffusion.beta_schedule')
+    if schedule not in ('linear', 'quad', 'const') or start is None or end is None:
+        return
+    if not start > 0:
+        yield _line('diffusion.beta_start', f'must be > 0, got {start!r}', 'the paper uses 1e-4')
+    if not end < 1:
+        yield _line('diffusion.beta_end', f'must be < 1, got {end!r}', 'the paper uses 0.02')
+    if start > end:
+        what = f'{start!r} exceeds diffusion.beta_end {end!r}'
+        yield _line('diffusion.beta_start', what, f'{schedule!r} betas must not decrease')
+
+
+def _check_loss_and_variance(v: dict[str, Any]) -> Iterator[str]:
+    """Only a variational loss trains a learned variance, and 'hybrid' needs one to train."""
+    loss, var = v.get('diffusion.loss_type'), v.get('diffusion.model_var_type')
+    if loss is None or var is None:
+        return
+    learned = var in ('learned', 'learned_range')
+    if loss == 'mse' and learned:
+        what = f"'mse' never trains diffusion.model_var_type {var!r}"
+        fix = "use model_var_type 'fixedlarge' or 'fixedsmall', or loss_type 'hybrid'"
+        yield _line('diffusion.loss_type', what, fix)
+    if loss == 'hybrid' and not learned:
+        what = f"'hybrid' trains a learned variance, but diffusion.model_var_type is {var!r}"
+        fix = "set model_var_type to 'learned' or 'learned_range', or use loss_type 'mse'"
+        yield _line('diffusion.loss_type', what, fix)
+
+
+def _check_weight_decay(v: dict[str, Any]) -> Iterator[str]:
+    decay = v.get('optim.weight_decay')
+    if decay is not None and decay > 0 and v.get('optim.optimizer') == 'adam':
+        what = f"{decay!r} needs optimizer 'adamw', but optim.optimizer is 'adam'"
+        yield _line('optim.weight_decay', what, "set optimizer 'adamw', or weight_decay 0.0")
+
+
+def _check_num_steps(v: dict[str, Any]) -> Iterator[str]:
+    steps, num_timesteps = v.get('sampling.num_steps'), v.get('diffusion.num_timesteps')
+    if steps is not None and num_timesteps is not None and steps > num_timesteps:
+        what = f'{steps} exceeds diffusion.num_timesteps {num_timesteps}'
+        yield _line('sampling.num_steps', what, f'use at most {num_timesteps}, or None for all T')
+
+
+_CROSS_CHECKS = (
+    _check_data_path,
+    _check_resolutions,
+    _check_group_norm,
+    _check_betas,
+    _check_loss_and_variance,
+    _check_weight_decay,
+    _check_num_steps,
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a whole experiment config and reports every problem at once.
+
+    Args:
+        config: an experiment config with the sections and keys of `configs/cifar10.py`.
+
+    Raises:
+        ConfigError: listing every problem, one line each, as
+            `config.<section>.<key>: <what is wrong> (<the fix>)`. A key whose own type or
+            range is wrong is left out of the checks that combine it with other keys.
+    """
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = type(config).__name__
+        raise ConfigError(f'config: must be an ml_collections.ConfigDict, got {got}')
+    problems = list(_check_structure(config))
+    values = {}  # the keys that passed their own checks
+    for key, field in SCHEMA.items():
+        section, name = key.split('.')
+        sub = config.get(section)
+        value = sub.get(name, _MISSING) if isinstance(sub, ml_collections.ConfigDict) else _MISSING
+        if value is _MISSING:
+            continue  # reported by _check_structure
+        problem = _check_field(key, field, value)
+        if problem:
+            problems.append(problem)
+        else:
+            values[key] = value
+    for check in _CROSS_CHECKS:
+        problems.extend(check(values))
+    if problems:
+        raise ConfigError('\n'.join(problems))
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Loads a config file the way `config_flags.DEFINE_config_file` does, without validating it.
+
+    Args:
+        path: a Python file defining `get_config()`, e.g. 'configs/cifar10.py'. Files that import
+            `configs.*` need the repository root on sys.path (run from there).
+
+    Returns:
+        The locked ConfigDict that `get_config()` returns (locked as with `lock_config=True`).
+
+    Raises:
+        ConfigError: the file is missing, fails to import, has no `get_config`, or does not
+            return a ConfigDict; the message is one line naming the file.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path!r} does not exist (pass e.g. configs/cifar10.py)')
+    stem = os.path.splitext(os.path.basename(path))[0]
+    loader = importlib.machinery.SourceFileLoader(f'_config_file_{stem}', path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    try:  # the file is user code: whatever it raises becomes one line naming the file
+        loader.exec_module(module)
+        get_config = getattr(module, 'get_config', None)
+        config = get_config() if callable(get_config) else None
+    except Exception as err:
+        hint = 'run from the repository root' if isinstance(err, ImportError) else 'fix the file'
+        raise ConfigError(f'config file {path!r} failed to load: {err!r} ({hint})') from err
+    if not callable(get_config):
+        raise ConfigError(f'config file {path!r} has no get_config() (define one)')
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = type(config).__name__
+        raise ConfigError(f'config file {path!r}: get_config() returned {got}, not a ConfigDict')
+    config.lock()
+    return config
