@@ -1,0 +1,316 @@
+"""Checkpointing for the training loop: orbax save, validated restore, SIGTERM handling.
+
+A checkpoint holds two items: `state` (the train state pytree: params, ema_params, opt_state,
+step, rng) written with `ocp.args.StandardSave`, and `meta` (a JSON dict: config, step, ...)
+written with `ocp.args.JsonSave`. Steps are labelled by the number of COMPLETED train steps, so
+a run restored from step `s` continues with `for step in range(s, num_train_steps)`.
+
+Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when
+complete; a complete step directory always holds `_CHECKPOINT_METADATA`. Anything else (a bare
+numeric directory left by a partial copy, a leftover tmp directory) is skipped with a warning and
+left on disk, and a step whose files fail to restore falls back to the previous complete step.
+"""
+
+import dataclasses
+import json
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+# Written into the step directory before orbax finalizes it (atomic rename locally, commit file
+# on GCS); its absence marks a step directory that orbax did not finish.
+_STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
+_STEP_RE = re.compile(r'0|[1-9]\d*')
+_TMP_RE = re.compile(r'(0|[1-9]\d*)' + re.escape(ocp.path.step.TMP_DIR_SUFFIX))
+
+
+class CheckpointError(ValueError):
+    """No requested checkpoint could be restored."""
+
+
+def _is_complete(step_dir: epath.Path) -> bool:
+    return (step_dir / _STEP_METADATA_FILE).exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompleteStepsNameFormat(ocp.path.step.NameFormat):
+    """Orbax's standard step naming, but listing only complete step directories.
+
+    Orbax (0.12.8) lists a bare numeric directory as a step on local disks. Such a step would
+    then block every ordinary save at or below its number (`should_save` refuses steps <= the
+    latest step), take a `max_to_keep` slot, and be garbage-collected by orbax. Hiding it from the
+    manager keeps saving and retention about complete checkpoints only and leaves the directory
+    alone.
+    """
+
+    base: ocp.path.step.NameFormat
+
+    def build_name(self, step: int) -> str:
+        return self.base.build_name(step)
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.path.step.Metadata]:
+        return (m for m in self.base.find_all(base_path) if _is_complete(m.path))
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.path.step.Metadata:
+        metadata = self.base.find_step(base_path, step)
+        if not _is_complete(metadata.path):
+            raise ValueError(f'{metadata.path} is incomplete: it has no {_STEP_METADATA_FILE}')
+        return metadata
+
+
+class Checkpointer:
+    """Saves and restores (state, meta) pairs under one directory with an orbax CheckpointManager.
+
+    Saving is asynchronous: `save` returns once the arrays are copied off the device; `wait`,
+    `restore`, `latest_valid_step` and `close` first wait for pending saves to finish. All
+    processes of a multi-host job must make the same calls.
+
+    Usage:
+        with checkpointing.Checkpointer(workdir + '/checkpoints', keep=3,
+                                        save_every_steps=1000) as ckpt:
+            if ckpt.latest_valid_step() is not None:
+                state, meta = ckpt.restore(state)
+            ...
+            ckpt.save(step + 1, state, meta={'step': step + 1, 'config': config.to_dict()})
+    """
+
+    def __init__(self, directory: str, *, keep: int, save_every_steps: int):
+        """Opens (and creates) the checkpoint directory.
+
+        Args:
+            directory: local path or `gs://` URL holding one subdirectory per step.
+            keep: number of newest complete steps to keep (`max_to_keep`).
+            save_every_steps: `save` writes steps divisible by this unless forced; the first save
+                into a directory without checkpoints always happens (orbax's InitialSavePolicy).
+        """
+        if keep < 1 or save_every_steps < 1:
+            raise ValueError(
+                f'keep={keep} and save_every_steps={save_every_steps} must both be >= 1'
+            )
+        self._name_format = _CompleteStepsNameFormat(ocp.path.step.standard_name_format())
+        self._manager = ocp.CheckpointManager(
+            directory,
+            item_names=('state', 'meta'),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=save_every_steps,
+                create=True,
+                cleanup_tmp_directories=True,
+                step_name_format=self._name_format,
+            ),
+        )
+        self._closed = False
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._manager.directory
+
+    def save(self, step: int, state: Any, *, meta: dict[str, Any], force: bool = False) -> bool:
+        """Saves `state` and `meta` as checkpoint `step` if the schedule (or `force`) says so.
+
+        Call it after every train step; the manager decides from `save_every_steps` (and, under
+        `jax.distributed`, from the preemption sync point).
+
+        Args:
+            step: number of COMPLETED train steps.
+            state: pytree of jax/numpy arrays (a flax TrainState or a dict).
+            meta: JSON-serialisable dict, e.g. the config and the step.
+            force: save regardless of the schedule (final step, preemption).
+
+        Returns:
+            Whether a save was started. False also when `step` is already saved (e.g. a forced
+            preemption save right after the scheduled save of the same step), or when an
+            incomplete directory occupies the step's path (it is never overwritten).
+        """
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f'meta must be a JSON-serialisable dict: {e}') from e
+        if not force and not self._manager.should_save(step):
+            return False
+        if step in self._manager.all_steps():
+            logging.info('Checkpoint step %d is already saved in %s.', step, self.directory)
+            return False
+        step_dir = self.directory / self._name_format.build_name(step)
+        if step_dir.exists():
+            logging.warning(
+                'Not saving step %d: incomplete checkpoint directory %s is in the way; '
+                'move or delete it by hand.',
+                step,
+                step_dir,
+            )
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        # The schedule was checked above; force=True only skips orbax's second check.
+        return self._manager.save(step, args=args, force=True)
+
+    def latest_valid_step(self) -> int | None:
+        """Returns the newest complete step, or None; warns about each incomplete directory."""
+        complete = self._complete_steps()
+        return complete[-1] if complete else None
+
+    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores a checkpoint into the structure, dtypes and shardings of `target_state`.
+
+        Without `step`, tries the complete steps newest first and falls back to the previous one
+        (with a warning) when a step's files fail to restore.
+
+        Args:
+            target_state: pytree like the saved state (e.g. a freshly initialised TrainState);
+                only its structure, shapes, dtypes and shardings are used. jax.Array leaves come
+                back as jax.Array with the same sharding, numpy leaves as numpy.
+            step: restore exactly this step (no fallback).
+
+        Returns:
+            (state, meta) of the restored step.
+
+        Raises:
+            CheckpointError: no complete step exists, `step` is not complete, or every tried step
+                failed to restore; the message lists each step tried and its error.
+        """
+        complete = self._complete_steps()
+        if step is not None and step not in complete:
+            raise CheckpointError(
+                f'step {step} is not a complete checkpoint in {self.directory}; '
+                f'complete steps: {complete}'
+            )
+        candidates = [step] if step is not None else complete[::-1]
+        if not candidates:
+            raise CheckpointError(f'no complete checkpoint in {self.directory}')
+        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        )
+        failures = []
+        for candidate in candidates:
+            try:
+                restored = self._manager.restore(candidate, args=args)
+            except Exception as e:  # orbax/tensorstore raise several types for damaged files
+                message = f'{type(e).__name__}: {e}'
+                logging.warning(
+                    'Checkpoint step %d in %s failed to restore (%s); trying the previous step.',
+                    candidate,
+                    self.directory,
+                    message,
+                )
+                failures.append(f'step {candidate}: {message}')
+                continue
+            logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
+            return restored['state'], restored['meta']
+        raise CheckpointError(
+            f'no checkpoint in {self.directory} could be restored; tried ' + '; '.join(failures)
+        )
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are written and finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager; further calls are no-ops."""
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
+
+    def __enter__(self) -> 'Checkpointer':
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _complete_steps(self) -> list[int]:
+        """Complete steps, ascending; warns about (and keeps) every incomplete step directory."""
+        self.wait()  # A save in flight is still a tmp dir.
+        complete, incomplete = [], []
+        for path in self.directory.iterdir():
+            if _STEP_RE.fullmatch(path.name):
+                if _is_complete(path):
+                    complete.append(int(path.name))
+                else:
+                    incomplete.append(path)
+            elif _TMP_RE.match(path.name):
+                incomplete.append(path)
+        for path in sorted(incomplete, key=lambda p: p.name):
+            logging.warning(
+                'Skipping incomplete checkpoint directory %s (no %s); leaving it on disk.',
+                path,
+                _STEP_METADATA_FILE,
+            )
+        return sorted(complete)
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service is off: no notice can arrive.
+        return False
+
+
+class PreemptionGuard:
+    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
+
+    On a single host (no `jax.distributed`) it installs handlers for SIGTERM (the preemption
+    notice of Cloud TPU / GCE / Kubernetes) and SIGINT that set `requested`; a second SIGINT
+    raises KeyboardInterrupt. Under `jax.distributed` it installs nothing: JAX's preemption
+    service owns SIGTERM (a Python handler would replace its C++ one) and `should_stop` asks it
+    for the step at which all hosts stop together.
+
+    Usage (must be entered in the main thread):
+        with checkpointing.PreemptionGuard() as guard:
+            for step in range(start, num_train_steps):
+                state, metrics = jit_train_step(state, batch, rng)
+                ckpt.save(step + 1, state, meta=meta)
+                if guard.should_stop(step + 1):
+                    ckpt.save(step + 1, state, meta=meta, force=True)
+                    break
+    """
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self._requested = threading.Event()
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received SIGTERM or SIGINT inside the guard."""
+        return self._requested.is_set()
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save now and exit; all hosts agree under `jax.distributed`.
+
+        Args:
+            step: number of completed train steps; under `jax.distributed` every host must call
+                this at every step, starting from the same step.
+        """
+        if jax.distributed.is_initialized():
+            return _reached_preemption_sync_point(step)
+        return self.requested
+
+    def __enter__(self) -> 'PreemptionGuard':
+        if not jax.distributed.is_initialized():
+            for signum in self._SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous_handlers.items():
+            # None: the old handler was not installed from Python; the default is the best guess.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous_handlers.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self._requested.set()
+        logging.warning(
+            'Received %s: will checkpoint and stop after this step.', signal.Signals(signum).name
+        )
