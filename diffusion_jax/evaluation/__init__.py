@@ -1,0 +1,1 @@
+"""Sample-quality and likelihood evaluation: FID / IS math, feature networks, offline metrics."""
