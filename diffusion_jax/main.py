@@ -1,0 +1,99 @@
+"""Command line entry point: `python -m diffusion_jax.main --config=CONFIG --workdir=DIR`.
+
+The only module that defines flags. It loads and validates the config, then dispatches on
+`--mode`. Every user error (bad flag, unknown or mistyped config key, missing config file,
+impossible config, missing dataset, bad checkpoint) ends with one line on stderr and exit
+status 2 instead of a traceback.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import config_lib
+
+MODES = ('train', 'sample', 'eval')
+USAGE_ERROR = 2
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file, e.g. configs/digits.py.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f'error: {message}\n')
+    sys.exit(USAGE_ERROR)
+
+
+def _make_configs_importable(argv: list[str]) -> None:
+    """Config variants import their base as `configs.<name>`: put the folder above on sys.path."""
+    for arg in argv:
+        if arg.startswith('--config='):
+            path = arg.split('=', 1)[1]
+            root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            if root not in sys.path:
+                sys.path.insert(0, root)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-loading errors turned into one-line messages."""
+    _make_configs_importable(argv)
+    try:
+        rest = flags.FLAGS(argv)
+        config = _CONFIG.value
+    except flags.Error as e:
+        _fail(str(e))
+    except AttributeError as e:  # an unknown --config.x.y override on a locked config
+        _fail(f'unknown config key: {str(e).strip(chr(39))}'.replace('\\n', ' '))
+    except (OSError, ImportError, SyntaxError) as e:
+        _fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
+    if config is None:
+        _fail('--config is required, e.g. --config=configs/digits.py')
+    try:
+        config.to_dict()  # config_flags defers a failed load to the first access
+    except OSError as e:
+        _fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
+    if not _WORKDIR.value:
+        _fail('--workdir is required, e.g. --workdir=/tmp/ddpm_digits')
+    return rest
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    config = _CONFIG.value
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        _fail(str(e))
+    workdir = _WORKDIR.value
+    if _MODE.value != 'train':
+        _fail(
+            f'--mode={_MODE.value} is not available yet in this version; '
+            'only --mode=train is implemented'
+        )
+    # Heavy imports (jax, TensorFlow) only after the cheap checks above.
+    from diffusion_jax import checkpointing, input_pipeline, parallel, train
+
+    logging.info('workdir: %s', workdir)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except (
+        input_pipeline.DatasetError,
+        checkpointing.CheckpointError,
+        parallel.BatchSizeError,
+        FloatingPointError,
+    ) as e:
+        _fail(str(e))
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+    run()

@@ -1,0 +1,281 @@
+"""Training: the pure train step (Algorithm 1 of Ho et al. 2020) and the loop around it.
+
+`train_step` is compiled once with `jax.jit`, the state donated, parameters replicated and the
+global batch sharded over every device (see `parallel`). Randomness comes from one stored base
+key folded with the step, so a resumed run draws exactly the numbers an uninterrupted run would.
+"""
+
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import (
+    checkpointing,
+    image_io,
+    input_pipeline,
+    models,
+    parallel,
+    sampling,
+    schedules,
+)
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import train_state as train_state_lib
+
+NUM_T_BUCKETS = 4  # loss is also reported per quarter of [0, T)
+
+
+def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
+    """The `GaussianDiffusion` described by `config.diffusion`."""
+    c = config.diffusion
+    betas = schedules.get_beta_schedule(
+        c.beta_schedule, c.num_timesteps, beta_start=c.beta_start, beta_end=c.beta_end
+    )
+    return diffusion_lib.GaussianDiffusion.create(
+        betas, c.model_mean_type, c.model_var_type, c.loss_type
+    )
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    d = config.data
+    return (d.image_size, d.image_size, d.num_channels)
+
+
+def train_step(
+    state: train_state_lib.TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    ema_decay: float,
+    learning_rate_fn: optax.Schedule,
+) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
+    """One optimizer step on L_simple (or the configured loss).
+
+    Args:
+      state: the train state (replicated).
+      batch: {'image': [B, H, W, C] float32 in [-1, 1]}, the global batch (sharded).
+      rng: the run's base key (replicated); the step's key is `fold_in(rng, state.step)`.
+      diffusion: the diffusion.
+      ema_decay: EMA decay of the parameters.
+      learning_rate_fn: the schedule, for logging the step's learning rate.
+
+    Returns:
+      (new state, metrics): scalar `loss`, `mse`, `vb`, `grad_norm` (before clipping),
+      `learning_rate`, and `loss_q0`..`loss_q3`, the loss of examples whose t falls in each
+      quarter of [0, T) (NaN if a quarter got no example).
+    """
+    x_start = batch['image']
+    b = x_start.shape[0]
+    # Globally shaped draws: every device gets different numbers, and the numbers do not
+    # depend on how many devices share the batch.
+    t_rng, noise_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step), 3)
+    t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+
+    def loss_fn(params):
+        def model_fn(x_t, t):
+            return state.apply_fn(
+                {'params': params}, x_t, t, train=True, rngs={'dropout': dropout_rng}
+            )
+
+        losses = diffusion_lib.training_losses(diffusion, model_fn, x_start, t, noise)
+        return jnp.mean(losses['loss']), losses
+
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
+    metrics = {
+        'loss': loss,
+        'mse': jnp.mean(losses['mse']),
+        'vb': jnp.mean(losses['vb']),
+        'grad_norm': optax.tree.norm(grads),
+        'learning_rate': learning_rate_fn(state.step),
+    }
+    bucket = t * NUM_T_BUCKETS // diffusion.num_timesteps
+    for q in range(NUM_T_BUCKETS):
+        mask = bucket == q
+        count = jnp.sum(mask)
+        total = jnp.sum(jnp.where(mask, losses['loss'], 0.0))
+        metrics[f'loss_q{q}'] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    return new_state.replace(ema_params=ema), metrics
+
+
+def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
+    """`train_step` jitted once with shardings, the state donated."""
+    step_fn = functools.partial(
+        train_step,
+        diffusion=diffusion,
+        ema_decay=config.optim.ema_decay,
+        learning_rate_fn=learning_rate_fn,
+    )
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+
+class _Progress:
+    """A tqdm bar on an interactive terminal, plain log lines otherwise (CI, files, non-lead)."""
+
+    def __init__(self, start: int, total: int, batch_size: int):
+        self.interactive = jax.process_index() == 0 and sys.stderr.isatty()
+        self.batch_size, self.total = batch_size, total
+        self.last_step, self.last_time = start, time.perf_counter()
+        self.bar = None
+        if self.interactive:
+            import tqdm  # only interactive runs need it
+
+            self.bar = tqdm.tqdm(initial=start, total=total, unit='step', dynamic_ncols=True)
+
+    def update(self, step: int, scalars: dict[str, float] | None) -> dict[str, float]:
+        """Advances to `step` (completed steps); with scalars, also reports throughput."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+        if scalars is None:
+            return {}
+        now = time.perf_counter()
+        steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = step, now
+        rates = {'steps_per_sec': steps_per_sec, 'images_per_sec': steps_per_sec * self.batch_size}
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f'{scalars["loss"]:.4f}', img_s=f'{rates["images_per_sec"]:.0f}', refresh=False
+            )
+        else:
+            logging.info(
+                'step %d/%d: loss %.5f, %.2f steps/s, %.0f images/s',
+                step,
+                self.total,
+                scalars['loss'],
+                steps_per_sec,
+                rates['images_per_sec'],
+            )
+        return rates
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
+    """Samples with the EMA parameters and writes a PNG grid (lead process only)."""
+    images = image_io.to_uint8(sample_fn(state.ema_params, jax.random.fold_in(rng, step)))
+    if jax.process_index() != 0:
+        return
+    grid = image_io.make_grid(images)
+    scale = max(1, 256 // grid.shape[0])  # small images (8x8 digits) are upscaled for viewing
+    path = os.path.join(workdir, 'samples', f'grid_{step:08d}.png')
+    image_io.save_png(path, grid, scale=scale)
+    writer.write_images(step, {'samples': grid[None]})
+    logging.info('step %d: wrote %s', step, path)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str
+) -> train_state_lib.TrainState:
+    """Trains (or resumes) the model described by `config`, writing everything under `workdir`.
+
+    Writes `config.json`, TensorBoard scalars, checkpoints under `checkpoints/` and sample grids
+    under `samples/`. Returns the final state.
+    """
+    from clu import metric_writers  # imports TensorFlow: keep it off the package import path
+
+    mesh = parallel.create_mesh()
+    batch_size = config.training.batch_size
+    parallel.check_batch_size(batch_size, jax.device_count(), 'config.training.batch_size')
+    rng = jax.random.PRNGKey(config.training.seed)
+    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+
+    model = models.get_model(config)
+    diffusion = create_diffusion(config)
+    tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
+    state = train_state_lib.create_train_state(model, tx, init_rng, image_shape(config))
+    state = jax.device_put(state, parallel.replicated(mesh))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info('model: %s parameters; %d devices', f'{num_params:,}', jax.device_count())
+
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, 'checkpoints'),
+        keep=config.training.keep_checkpoints,
+        save_every_steps=config.training.checkpoint_every_steps,
+    )
+    if ckpt.latest_valid_step() is not None:
+        state, _ = ckpt.restore(state)
+        logging.info('resumed from step %d', int(state.step))
+    start_step = int(state.step)
+    meta = {'config': config.to_dict()}
+    if jax.process_index() == 0:
+        image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    batches = input_pipeline.train_iterator(
+        config.data,
+        global_batch_size=batch_size,
+        seed=config.training.seed,
+        start_step=start_step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    jit_train_step = make_jit_train_step(config, diffusion, learning_rate_fn, mesh)
+    sample_fn = None
+    if config.training.sample_every_steps:
+        sample_fn = sampling.make_sample_fn(
+            model,
+            diffusion,
+            batch_size=min(config.sampling.num_samples, 64),
+            image_shape=image_shape(config),
+            clip_denoised=config.sampling.clip_denoised,
+        )
+    num_steps = config.training.num_train_steps
+    progress = _Progress(start_step, num_steps, batch_size)
+    last_saved = start_step
+    try:
+        with checkpointing.PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+            for step in range(start_step, num_steps):
+                batch = parallel.global_batch(next(batches), mesh)
+                state, metrics = jit_train_step(state, batch, train_rng)
+                done = step + 1
+                scalars = None
+                if done % config.training.log_every_steps == 0 or done == num_steps:
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not np.isfinite(scalars['loss']):
+                        raise FloatingPointError(
+                            f'loss is {scalars["loss"]} at step {done}; the last checkpoint '
+                            'is kept. Lower --config.optim.learning_rate or check the data.'
+                        )
+                    scalars.update(progress.update(done, scalars))
+                    writer.write_scalars(done, scalars)
+                else:
+                    progress.update(done, None)
+                # Asking orbax costs ~30 ms even when it declines, so only ask when it is due.
+                due = done % config.training.checkpoint_every_steps == 0
+                if due and ckpt.save(done, state, meta=meta):
+                    last_saved = done
+                if sample_fn and done % config.training.sample_every_steps == 0:
+                    _write_samples(workdir, done, sample_fn, state, sample_rng, writer)
+                if guard.should_stop(done):
+                    logging.warning('preemption requested: saving step %d and stopping', done)
+                    break
+            final = int(state.step)
+            if final != last_saved:
+                ckpt.save(final, state, meta=meta, force=True)
+            if sample_fn and final == num_steps and final % config.training.sample_every_steps:
+                _write_samples(workdir, final, sample_fn, state, sample_rng, writer)
+    finally:
+        progress.close()
+        ckpt.close()
+    logging.info('finished at step %d; workdir %s', int(state.step), workdir)
+    return state

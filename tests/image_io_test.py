@@ -1,0 +1,71 @@
+"""uint8 conversion, grids and atomic file writing."""
+
+import json
+import os
+import tempfile
+from unittest import mock
+
+import numpy as np
+from absl.testing import absltest, parameterized
+from PIL import Image
+
+from diffusion_jax import image_io
+
+
+class ImageIoTest(parameterized.TestCase):
+    def test_to_uint8_is_round_of_x_plus_1_times_127_5_clipped(self):
+        x = np.array([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 2.0], np.float32)
+        expected = [0, 0, 0, 128, 191, 255, 255]  # round(127.5) = 128 (half to even), 191.25 -> 191
+        np.testing.assert_array_equal(image_io.to_uint8(x), expected)
+        levels = np.arange(256)
+        np.testing.assert_array_equal(image_io.to_uint8(levels / 127.5 - 1.0), levels)
+
+    def test_grid_places_images_row_by_row_with_padding(self):
+        colours = np.arange(1, 6, dtype=np.uint8)[:, None, None, None] * np.ones(
+            (5, 2, 3, 1), np.uint8
+        )
+        grid = image_io.make_grid(colours, ncol=3, padding=1, pad_value=0)
+        self.assertEqual(grid.shape, (2 * 3 + 1, 3 * 4 + 1, 1))
+        self.assertEqual(grid[1, 1, 0], 1)  # first image top-left
+        self.assertEqual(grid[1, 5, 0], 2)  # second image right of it
+        self.assertEqual(grid[4, 1, 0], 4)  # fourth image starts the second row
+        self.assertEqual(grid[4, 9, 0], 0)  # the sixth cell is empty padding
+        self.assertEqual(grid[0, :, 0].max(), 0)
+
+    def test_png_round_trips_exactly_and_scales_by_nearest(self):
+        image = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'a', 'grid.png')
+            image_io.save_png(path, image, scale=2)
+            back = np.asarray(Image.open(path))
+        np.testing.assert_array_equal(back, image.repeat(2, 0).repeat(2, 1))
+
+    def test_grayscale_png_is_written_in_l_mode(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'g.png')
+            image_io.save_png(path, np.full((3, 3, 1), 7, np.uint8))
+            self.assertEqual(Image.open(path).mode, 'L')
+
+    def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'metrics.json')
+            image_io.save_json(path, {'fid': 3.17})
+            failing = mock.patch.object(os, 'replace', side_effect=OSError('disk full'))
+            with failing, self.assertRaises(OSError):
+                image_io.save_json(path, {'fid': 99.0})
+            with open(path) as f:
+                self.assertEqual(json.load(f), {'fid': 3.17})
+            self.assertEqual(os.listdir(d), ['metrics.json'])
+
+    def test_npz_is_written_atomically_and_loads_back(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'samples.npz')
+            images = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
+            image_io.save_npz(path, images=images)
+            with np.load(path) as f:
+                np.testing.assert_array_equal(f['images'], images)
+            self.assertEqual(os.listdir(d), ['samples.npz'])
+
+
+if __name__ == '__main__':
+    absltest.main()

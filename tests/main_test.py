@@ -1,0 +1,88 @@
+"""The command line: bad input ends in one clear line on stderr and exit status 2."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest, parameterized
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, '-m', 'diffusion_jax.main', *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+class MainTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.workdir = tmp.name
+
+    def assert_user_error(self, proc, *fragments):
+        self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+        self.assertNotIn('Traceback', proc.stderr)
+        # The message is the last thing printed (it may span a few lines).
+        self.assertIn('error: ', proc.stderr)
+        message = proc.stderr[proc.stderr.rindex('error: ') :]
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+
+    @parameterized.named_parameters(
+        ('unknown_key', ['--config.training.batchsize=3'], ['unknown config key', 'batch_size']),
+        ('wrong_type', ['--config.training.batch_size=abc'], ['batch_size', 'abc']),
+        ('impossible_value', ['--config.data.image_size=30'], ['config.data.image_size']),
+        ('bad_choice', ['--config.diffusion.loss_type=l1'], ['config.diffusion.loss_type', 'mse']),
+        ('negative_samples', ['--config.sampling.num_samples=0'], ['config.sampling.num_samples']),
+    )
+    def test_bad_config_overrides_are_refused_in_one_line(self, overrides, fragments):
+        proc = run_main('--config=configs/cifar10.py', f'--workdir={self.workdir}', *overrides)
+        self.assert_user_error(proc, *fragments)
+
+    def test_a_missing_config_file_is_named(self):
+        proc = run_main('--config=configs/nope.py', f'--workdir={self.workdir}')
+        self.assert_user_error(proc, 'could not load --config', 'configs/nope.py')
+
+    def test_workdir_is_required(self):
+        self.assert_user_error(run_main('--config=configs/digits.py'), '--workdir is required')
+
+    def test_modes_that_do_not_exist_yet_say_so(self):
+        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=sample')
+        self.assert_user_error(proc, 'not available yet')
+
+    def test_a_batch_that_does_not_divide_over_the_devices_names_sizes_that_work(self):
+        proc = run_main(
+            '--config=configs/digits.py',
+            f'--workdir={self.workdir}',
+            '--config.training.batch_size=12',
+            env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+        )
+        self.assert_user_error(proc, 'does not divide over 8 devices', '8 or 16')
+
+    def test_a_dataset_that_is_not_downloaded_names_the_fix(self):
+        proc = run_main(
+            '--config=configs/digits.py',
+            f'--workdir={self.workdir}',
+            '--config.data.dataset=cifar10',
+            f'--config.data.data_dir={self.workdir}/tfds',
+            '--config.data.num_channels=3',
+            '--config.data.image_size=32',
+            '--config.model.attn_resolutions=(16,)',
+            '--config.model.ch=32',
+            '--config.model.num_res_blocks=1',
+        )
+        self.assert_user_error(proc, 'cifar10', 'download_and_prepare')
+
+
+if __name__ == '__main__':
+    absltest.main()

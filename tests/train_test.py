@@ -1,0 +1,282 @@
+"""The training system end to end on tiny models: learning, exact resume, SIGTERM, 8 devices."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from configs import cifar10, digits
+from diffusion_jax import checkpointing, models, train
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import train_state as train_state_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**training):
+    """The digits config with a smaller U-Net, no sample grids and frequent logs."""
+    config = digits.get_config()
+    config.model.ch = 32
+    config.model.num_res_blocks = 1
+    config.model.dropout = 0.0
+    config.training.batch_size = 32
+    config.training.log_every_steps = 10
+    config.training.sample_every_steps = 0
+    config.training.checkpoint_every_steps = 1000
+    for k, v in training.items():
+        setattr(config.training, k, v)
+    return config
+
+
+def _fixed_batch_loss(config, params, num=256):
+    """Mean L_simple of `params` on fixed real digits, t and noise (independent of the loop)."""
+    from diffusion_jax import input_pipeline
+
+    images = input_pipeline.load_images(config.data, 'train')[:num]
+    x = images.astype(np.float32) / 127.5 - 1.0
+    d = train.create_diffusion(config)
+    rng = np.random.default_rng(0)
+    t = jnp.asarray(rng.integers(0, d.num_timesteps, num))
+    noise = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    model = models.get_model(config)
+
+    def model_fn(x_t, t):
+        return model.apply({'params': params}, x_t, t, train=False)
+
+    return float(jnp.mean(diffusion_lib.training_losses(d, model_fn, x, t, noise)['loss']))
+
+
+def _leaves_equal(a, b):
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+class TrainLoopTest(parameterized.TestCase):
+    def test_a_short_digits_run_learns_and_writes_a_checkpoint(self):
+        config = tiny_config(num_train_steps=300)
+        with tempfile.TemporaryDirectory() as workdir:
+            state = train.train_and_evaluate(config, workdir)
+            init = train_state_lib.create_train_state(
+                models.get_model(config),
+                optax.identity(),
+                jax.random.split(jax.random.PRNGKey(config.training.seed), 3)[0],
+                train.image_shape(config),
+            )
+            before = _fixed_batch_loss(config, init.params)
+            after = _fixed_batch_loss(config, state.params)
+            # An untrained eps-model outputs ~0, so its loss is E[noise^2] = 1.
+            self.assertAlmostEqual(before, 1.0, delta=0.1)
+            self.assertLess(after, 0.5 * before)
+            self.assertEqual(int(state.step), 300)
+            ckpt = checkpointing.Checkpointer(
+                os.path.join(workdir, 'checkpoints'), keep=3, save_every_steps=1000
+            )
+            self.assertEqual(ckpt.latest_valid_step(), 300)
+            ckpt.close()
+            self.assertTrue(os.path.exists(os.path.join(workdir, 'config.json')))
+            self.assertTrue(any(f.startswith('events.out.tfevents') for f in os.listdir(workdir)))
+
+    def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(self):
+        config = tiny_config(num_train_steps=6)
+        config.model.dropout = 0.1  # exercise the dropout rng stream as well
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            straight = train.train_and_evaluate(config, a)
+            config.training.num_train_steps = 3
+            train.train_and_evaluate(config, b)
+            config.training.num_train_steps = 6
+            resumed = train.train_and_evaluate(config, b)
+        self.assertEqual(int(resumed.step), 6)
+        self.assertTrue(_leaves_equal(straight.params, resumed.params))
+        self.assertTrue(_leaves_equal(straight.ema_params, resumed.ema_params))
+        self.assertTrue(_leaves_equal(straight.opt_state, resumed.opt_state))
+
+    def test_the_cifar10_recipe_runs_on_mock_data(self):
+        import tensorflow_datasets as tfds
+
+        config = cifar10.get_config()  # the paper's model and recipe, only a smaller batch
+        config.training.batch_size = 4
+        config.training.num_train_steps = 2
+        config.training.sample_every_steps = 0
+        config.training.log_every_steps = 1
+        with tempfile.TemporaryDirectory() as workdir, tfds.testing.mock_data(num_examples=16):
+            state = train.train_and_evaluate(config, workdir)
+        self.assertEqual(int(state.step), 2)
+        self.assertEqual(sum(x.size for x in jax.tree.leaves(state.params)), 35_746_307)
+
+
+class TrainStepTest(parameterized.TestCase):
+    def test_ema_is_the_decayed_average_and_the_first_step_has_learning_rate_zero(self):
+        config = tiny_config()
+        model = models.get_model(config)
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        step = jax.jit(
+            lambda s, b, r: train.train_step(
+                s,
+                b,
+                r,
+                diffusion=train.create_diffusion(config),
+                ema_decay=0.9,
+                learning_rate_fn=lr_fn,
+            )
+        )
+        batch = {'image': jnp.zeros((4, 8, 8, 1))}
+        s1, m1 = step(state, batch, jax.random.PRNGKey(1))
+        # The original warm-up is lr * step / warmup: zero at step 0, so nothing moves.
+        self.assertEqual(float(m1['learning_rate']), 0.0)
+        self.assertTrue(_leaves_equal(s1.params, state.params))
+        s2, m2 = step(s1, batch, jax.random.PRNGKey(1))
+        expected_lr = config.optim.learning_rate / config.optim.warmup_steps
+        self.assertAlmostEqual(float(m2['learning_rate']), expected_lr, places=9)
+        for p_new, e_old, e_new in zip(
+            jax.tree.leaves(s2.params),
+            jax.tree.leaves(s1.ema_params),
+            jax.tree.leaves(s2.ema_params),
+            strict=True,
+        ):
+            np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p_new, rtol=1e-6, atol=1e-7)
+        for key in ('loss', 'mse', 'vb', 'grad_norm', 'loss_q0', 'loss_q3'):
+            self.assertIn(key, m2)
+
+    def test_loss_by_quarter_matches_the_per_example_losses(self):
+        config = tiny_config()
+        d = train.create_diffusion(config)
+        model = models.get_model(config)
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        batch = {'image': jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)))}
+        rng = jax.random.PRNGKey(5)
+        step = jax.jit(
+            lambda s, b, r: train.train_step(
+                s, b, r, diffusion=d, ema_decay=0.9, learning_rate_fn=lr_fn
+            )
+        )
+        _, metrics = step(state, batch, rng)
+        # Recompute t the way the step documents it: fold_in(rng, step), split 3, randint.
+        t_rng = jax.random.split(jax.random.fold_in(rng, 0), 3)[0]
+        t = np.asarray(jax.random.randint(t_rng, (64,), 0, d.num_timesteps))
+        quarters = [
+            (t >= q * d.num_timesteps / 4) & (t < (q + 1) * d.num_timesteps / 4) for q in range(4)
+        ]
+        counts = [int(m.sum()) for m in quarters]
+        self.assertEqual(sum(counts), 64)
+        weighted = sum(c * float(metrics[f'loss_q{q}']) for q, c in enumerate(counts) if c)
+        np.testing.assert_allclose(weighted / 64, float(metrics['loss']), rtol=1e-5)
+
+
+_EIGHT_DEVICES = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from configs import digits
+    from diffusion_jax import models, parallel, train, train_state as tsl
+    assert jax.device_count() == 8, jax.devices()
+    config = digits.get_config()
+    config.model.ch, config.model.num_res_blocks, config.model.dropout = 32, 1, 0.1
+    model, d = models.get_model(config), train.create_diffusion(config)
+    tx, lr_fn = tsl.create_optimizer(config.optim)
+    batch = {'image': np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype('f4')}
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.create_mesh(devices)
+        state = tsl.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        state = jax.device_put(state, parallel.replicated(mesh))
+        step = train.make_jit_train_step(config, d, lr_fn, mesh)
+        for _ in range(3):
+            b = jax.device_put(batch, parallel.batch_sharding(mesh))
+            state, metrics = step(state, b, jax.random.PRNGKey(1))
+        results.append((jax.device_get(state.params), float(metrics['loss'])))
+    (p1, l1), (p8, l8) = results
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    print('MATCH', l1, l8)
+    """
+)
+
+
+class MultiDeviceTest(parameterized.TestCase):
+    def test_eight_devices_match_one_device_on_the_same_global_batch(self):
+        env = dict(
+            os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=str(REPO)
+        )
+        proc = subprocess.run(
+            [sys.executable, '-c', _EIGHT_DEVICES],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        self.assertIn('MATCH', proc.stdout)
+
+
+class PreemptionTest(parameterized.TestCase):
+    def _main(self, workdir, *overrides):
+        return [
+            sys.executable,
+            '-m',
+            'diffusion_jax.main',
+            '--config=configs/digits.py',
+            f'--workdir={workdir}',
+            '--config.model.ch=32',
+            '--config.model.num_res_blocks=1',
+            '--config.training.batch_size=16',
+            '--config.training.sample_every_steps=0',
+            '--config.training.log_every_steps=5',
+            *overrides,
+        ]
+
+    def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_next_start_resumes(self):
+        with tempfile.TemporaryDirectory() as workdir:
+            log_path = os.path.join(workdir, 'log.txt')
+            with open(log_path, 'w') as log:
+                proc = subprocess.Popen(
+                    self._main(workdir, '--config.training.num_train_steps=100000'),
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                try:
+                    deadline = time.time() + 300
+                    while 'step 10/' not in pathlib.Path(log_path).read_text():
+                        self.assertIsNone(proc.poll(), pathlib.Path(log_path).read_text()[-2000:])
+                        self.assertLess(time.time(), deadline, 'training never reached step 10')
+                        time.sleep(0.5)
+                    proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(proc.wait(timeout=120), 0)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+            ckpt = checkpointing.Checkpointer(
+                os.path.join(workdir, 'checkpoints'), keep=3, save_every_steps=1000
+            )
+            saved = ckpt.latest_valid_step()
+            ckpt.close()
+            self.assertIsNotNone(saved)
+            self.assertGreaterEqual(saved, 10)
+            again = subprocess.run(
+                self._main(workdir, f'--config.training.num_train_steps={saved + 2}'),
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+            self.assertIn(f'resumed from step {saved}', again.stderr)
+
+
+if __name__ == '__main__':
+    absltest.main()
