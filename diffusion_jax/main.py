@@ -6,6 +6,7 @@ impossible config, missing dataset, bad checkpoint) ends with one line on stderr
 status 2 instead of a traceback.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -22,6 +23,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+
+
+# Libraries whose INFO lines (dozens per checkpoint) would bury the training log.
+_CHATTY = ('/orbax/', '/jax/_src/', '/etils/')
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops other libraries' INFO records unless --verbosity >= 1; warnings always pass."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1:
+            return True
+        return not any(part in record.pathname for part in _CHATTY)
 
 
 def _fail(message: str) -> None:
@@ -63,6 +77,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value

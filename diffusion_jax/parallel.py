@@ -5,6 +5,9 @@ its first axis. Each host supplies its local part and `jax.make_array_from_proce
 assembles the global array.
 """
 
+import collections
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -56,3 +59,19 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def prefetch_to_mesh(
+    batches: Iterator[dict[str, np.ndarray]], mesh: Mesh, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields global batches, assembling `size` ahead so host-to-device copies overlap compute."""
+    queue = collections.deque()
+
+    def enqueue(n):
+        for local in itertools.islice(batches, n):
+            queue.append(global_batch(local, mesh))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)

@@ -218,10 +218,7 @@ def train_and_evaluate(
     if jax.process_index() == 0:
         image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
-    )
-    batches = input_pipeline.train_iterator(
+    local_batches = input_pipeline.train_iterator(
         config.data,
         global_batch_size=batch_size,
         seed=config.training.seed,
@@ -229,6 +226,7 @@ def train_and_evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    batches = parallel.prefetch_to_mesh(local_batches, mesh)
     jit_train_step = make_jit_train_step(config, diffusion, learning_rate_fn, mesh)
     sample_fn = None
     if config.training.sample_every_steps:
@@ -241,11 +239,17 @@ def train_and_evaluate(
         )
     num_steps = config.training.num_train_steps
     progress = _Progress(start_step, num_steps, batch_size)
+    if progress.interactive:  # the bar shows loss and throughput; logging lines would break it
+        writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+    else:
+        writer = metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0, asynchronous=True
+        )
     last_saved = start_step
     try:
         with checkpointing.PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
             for step in range(start_step, num_steps):
-                batch = parallel.global_batch(next(batches), mesh)
+                batch = next(batches)
                 state, metrics = jit_train_step(state, batch, train_rng)
                 done = step + 1
                 scalars = None
