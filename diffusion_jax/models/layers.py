@@ -60,6 +60,28 @@ def get_timestep_embedding(timesteps: jax.typing.ArrayLike, embedding_dim: int) 
     return emb
 
 
+def conv3x3(
+    features: int,
+    *,
+    name: str,
+    dtype: Any,
+    param_dtype: Any,
+    init_scale: float = 1.0,
+    strides: int = 1,
+) -> nn.Conv:
+    """A 3x3 conv with TF 'SAME' padding and the original's initializer."""
+    return nn.Conv(
+        features,
+        kernel_size=(3, 3),
+        strides=(strides, strides),
+        padding='SAME',
+        kernel_init=default_init(init_scale),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm, swish, conv3x3, + Dense(swish(temb)), GroupNorm, swish, dropout, conv3x3.
 
@@ -93,16 +115,15 @@ class ResnetBlock(nn.Module):
         out_ch = in_ch if self.out_ch is None else self.out_ch
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
         norm = {'num_groups': self.num_groups, 'epsilon': GROUP_NORM_EPSILON, **dtypes}
-        conv = {'kernel_size': (3, 3), 'padding': 'SAME', **dtypes}
 
         h = nn.swish(nn.GroupNorm(name='norm1', **norm)(x))
-        h = nn.Conv(out_ch, kernel_init=default_init(), name='conv1', **conv)(h)
+        h = conv3x3(out_ch, name='conv1', **dtypes)(h)
         temb_proj = nn.Dense(out_ch, kernel_init=default_init(), name='temb_proj', **dtypes)
         h = h + temb_proj(nn.swish(temb))[:, None, None, :]
         h = nn.swish(nn.GroupNorm(name='norm2', **norm)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Near-zero init makes each fresh block start close to the identity.
-        h = nn.Conv(out_ch, kernel_init=default_init(0.0), name='conv2', **conv)(h)
+        h = conv3x3(out_ch, init_scale=0.0, name='conv2', **dtypes)(h)
 
         if in_ch != out_ch:
             # The original's `nin` is a Dense on the channel axis (kernel [C_in, C_out]).
@@ -168,15 +189,8 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Downsamples x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C]."""
         if self.with_conv:
-            return nn.Conv(
-                x.shape[-1],
-                kernel_size=(3, 3),
-                strides=(2, 2),
-                padding='SAME',
-                kernel_init=default_init(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name='conv',
+            return conv3x3(
+                x.shape[-1], strides=2, name='conv', dtype=self.dtype, param_dtype=self.param_dtype
             )(x)
         # TF's avg_pool leaves padded cells out of the mean (matters only for odd sizes).
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
@@ -203,13 +217,5 @@ class Upsample(nn.Module):
         """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = nn.Conv(
-                x.shape[-1],
-                kernel_size=(3, 3),
-                padding='SAME',
-                kernel_init=default_init(),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name='conv',
-            )(x)
+            x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x

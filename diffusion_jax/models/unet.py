@@ -60,14 +60,12 @@ class UNet(nn.Module):
         )
 
     def _conv3x3(self, features: int, init_scale: float, name: str) -> nn.Conv:
-        return nn.Conv(
+        return layers.conv3x3(
             features,
-            kernel_size=(3, 3),
-            padding='SAME',
-            kernel_init=layers.default_init(init_scale),
+            init_scale=init_scale,
+            name=name,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            name=name,
         )
 
     def _resample(self, cls: type[nn.Module], name: str) -> nn.Module:
