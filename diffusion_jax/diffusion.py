@@ -49,7 +49,6 @@ class GaussianDiffusion:
     posterior_log_variance_clipped: jax.Array
     posterior_mean_coef1: jax.Array
     posterior_mean_coef2: jax.Array
-    fixedlarge_variance: jax.Array
     fixedlarge_log_variance: jax.Array
     log_betas: jax.Array
     model_mean_type: str = flax.struct.field(pytree_node=False, default='eps')
@@ -95,8 +94,6 @@ class GaussianDiffusion:
         posterior_log_variance_clipped = np.log(
             np.append(posterior_variance[1:2], posterior_variance[1:])
         )
-        # fixedlarge (sigma^2 = beta) takes the posterior variance at t=0 for a better decoder.
-        fixedlarge_variance = np.append(posterior_variance[1:2], betas[1:])
         with np.errstate(divide='ignore'):  # jsd has alpha_bar = 0 at the last step
             tables = dict(
                 betas=betas,
@@ -113,8 +110,8 @@ class GaussianDiffusion:
                 posterior_mean_coef2=(
                     (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)
                 ),
-                fixedlarge_variance=fixedlarge_variance,
-                fixedlarge_log_variance=np.log(fixedlarge_variance),
+                # fixedlarge (sigma^2 = beta) takes the posterior variance at t=0 (decoder).
+                fixedlarge_log_variance=np.log(np.append(posterior_variance[1:2], betas[1:])),
                 log_betas=np.log(betas),
             )
         return cls(
