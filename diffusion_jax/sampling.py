@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import parallel
 
 SAMPLERS = ('ancestral', 'ddim')
 # How many predicted x_0 snapshots `return_trajectory=True` records (the paper's Figure 6).
@@ -64,6 +66,7 @@ def make_sample_fn(
     eta: float = 0.0,
     clip_denoised: bool = True,
     return_trajectory: bool = False,
+    mesh: Mesh | None = None,
 ) -> SampleFn:
     """Returns a jitted `sample_fn(params, rng, first_index=0)`.
 
@@ -78,6 +81,8 @@ def make_sample_fn(
       clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
       return_trajectory: also return predicted x_0 at `NUM_TRAJECTORY_FRAMES` evenly spaced
         steps, [B, K, H, W, C], first frame the noisiest.
+      mesh: shard the batch over this device mesh (`parallel.create_mesh()`), parameters
+        replicated; `batch_size` must divide over its devices. None: default placement.
 
     Returns:
       `sample_fn(params, rng, first_index=0) -> images [B, H, W, C] float32 in [-1, 1]`
@@ -109,8 +114,10 @@ def make_sample_fn(
         mean = jnp.sqrt(abar_prev) * pred_x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
         return mean + sigma * z, pred_x0
 
-    def sample_fn(params, rng, first_index=0):
+    def sample(params, rng, first_index):
         keys = _per_image_keys(rng, jnp.asarray(first_index, jnp.int32), batch_size)
+        if mesh is not None:  # every device runs the whole chain on its slice of the batch
+            keys = jax.lax.with_sharding_constraint(keys, parallel.batch_sharding(mesh))
         x_init = _normal_per_image(keys, 0, image_shape)
         traj_init = jnp.zeros((frames, *shape), jnp.float32)
 
@@ -128,7 +135,25 @@ def make_sample_fn(
             return x, jnp.moveaxis(traj, 0, 1)
         return x
 
-    return jax.jit(sample_fn)
+    if mesh is None:
+        jit_sample = jax.jit(sample)
+    else:
+        parallel.check_batch_size(batch_size, mesh.size, 'sampling batch_size')
+        replicated = parallel.replicated(mesh)
+        jit_sample = jax.jit(
+            sample,
+            in_shardings=(replicated, replicated, replicated),
+            out_shardings=parallel.batch_sharding(mesh),
+        )
+
+    def sample_fn(params, rng, first_index=0):
+        return jit_sample(params, rng, jnp.asarray(first_index, jnp.int32))
+
+    # For ahead-of-time compilation (benchmarks): sample_fn.lower(params, rng).compile().
+    sample_fn.lower = lambda params, rng, first_index=0: jit_sample.lower(
+        params, rng, jnp.asarray(first_index, jnp.int32)
+    )
+    return sample_fn
 
 
 def make_score_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion) -> Callable:
@@ -148,3 +173,57 @@ def make_score_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion) -> Cal
         return -eps / diffusion.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
 
     return score_fn
+
+
+def make_interpolate_fn(
+    model: Any,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    *,
+    image_shape: tuple[int, int, int],
+    t: int,
+    num_lambdas: int = 11,
+    clip_denoised: bool = True,
+) -> Callable:
+    """Returns a jitted `interpolate_fn(params, x0_a, x0_b, rng)` (Ho et al. 2020, section 6.3).
+
+    Both sources are noised to step `t` with the same noise (the stochastic encoder q(x_t|x_0)),
+    the latents are mixed as (1 - lambda) x_t^a + lambda x_t^b for `num_lambdas` values of
+    lambda evenly spaced in [0, 1], and each mix is denoised by the ancestral chain from t down
+    to 0 (one `lax.scan` of t + 1 steps). The reverse noise is also shared across lambda, so
+    neighbouring columns differ only through lambda.
+
+    Args (of `interpolate_fn`):
+      x0_a, x0_b: [H, W, C] source images in [-1, 1].
+      rng: key for the encoder noise and the reverse chain.
+
+    Returns:
+      `interpolate_fn(...) -> [num_lambdas, H, W, C]` in [-1, 1]; the first and last entries are
+      reconstructions of x0_a and x0_b from step t.
+    """
+    if not 0 <= t < diffusion.num_timesteps:
+        raise ValueError(f'interpolation step t must be in [0, {diffusion.num_timesteps}), got {t}')
+    if num_lambdas < 2:
+        raise ValueError(f'num_lambdas must be >= 2, got {num_lambdas}')
+    lambdas = jnp.linspace(0.0, 1.0, num_lambdas).reshape(-1, 1, 1, 1)
+
+    def interpolate_fn(params, x0_a, x0_b, rng):
+        enc_rng, dec_rng = jax.random.split(rng)
+        noise = jax.random.normal(enc_rng, (1, *image_shape))
+        t_enc = jnp.full((1,), t, jnp.int32)
+        x_a = diffusion_lib.q_sample(diffusion, x0_a[None], t_enc, noise)
+        x_b = diffusion_lib.q_sample(diffusion, x0_b[None], t_enc, noise)
+        x_t = (1.0 - lambdas) * x_a + lambdas * x_b
+
+        def body(x, i):
+            ts = jnp.full((num_lambdas,), i, jnp.int32)
+            out = model.apply({'params': params}, x, ts, train=False)
+            z = jnp.broadcast_to(
+                jax.random.normal(jax.random.fold_in(dec_rng, i), image_shape), x.shape
+            )
+            x, _ = diffusion_lib.p_sample(diffusion, out, x, ts, z, clip_denoised=clip_denoised)
+            return x, None
+
+        x, _ = jax.lax.scan(body, x_t, jnp.arange(t, -1, -1))
+        return x
+
+    return jax.jit(interpolate_fn)

@@ -54,6 +54,20 @@ def _keys_noise(rng, index, step):
     return np.asarray(jax.random.normal(k, SHAPE), np.float64)
 
 
+def _scan_lengths(jaxpr) -> list[int]:
+    """The `length` of every scan in a jaxpr, nested ones included (pjit bodies, scan bodies)."""
+    lengths = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'scan':
+            lengths.append(eqn.params['length'])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, 'jaxpr', sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, 'eqns'):
+                    lengths.extend(_scan_lengths(inner))
+    return lengths
+
+
 class AncestralTest(parameterized.TestCase):
     def test_ancestral_matches_a_numpy_loop_of_algorithm_2(self):
         num_t, batch = 40, 3
@@ -128,6 +142,68 @@ class AncestralTest(parameterized.TestCase):
         sample_fn({}, jax.random.PRNGKey(0)).block_until_ready()
         sample_fn({}, jax.random.PRNGKey(1)).block_until_ready()  # no second trace
 
+    def test_ddim_with_eta_0_is_a_deterministic_map_of_x_t(self):
+        # DDIM eq. 12 with sigma = 0, in NumPy float64 on the kept steps: only x_T is random.
+        num_t, num_steps, batch = 40, 8, 2
+        d = _diffusion(num_t)
+        ab = _alpha_bar(num_t)
+        ts = sampling.spaced_timesteps(num_t, num_steps)
+        sample_fn = sampling.make_sample_fn(
+            ScaleModel(),
+            d,
+            batch_size=batch,
+            image_shape=SHAPE,
+            sampler='ddim',
+            num_steps=num_steps,
+            eta=0.0,
+            clip_denoised=False,
+        )
+        rng = jax.random.PRNGKey(11)
+        params = {'w': jnp.float32(0.3)}
+        got = np.asarray(sample_fn(params, rng))
+        np.testing.assert_array_equal(got, sample_fn(params, rng))
+        for i in range(batch):
+            x = _keys_noise(rng, i, 0)
+            for k in reversed(range(num_steps)):
+                a, a_prev = ab[ts[k]], (ab[ts[k - 1]] if k > 0 else 1.0)
+                eps = 0.3 * x
+                x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+                x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+            np.testing.assert_allclose(got[i], x, rtol=1e-4, atol=1e-4)
+
+    def test_ddim_with_eta_1_over_all_steps_is_ancestral_sampling_with_the_posterior_variance(
+        self,
+    ):
+        # Song et al. 2021: eta = 1 makes DDIM's update the DDPM posterior step with
+        # sigma^2 = beta_tilde. Both samplers draw z from the same keys, so they agree path by
+        # path, not only in distribution.
+        d_small = _diffusion(40, var_type='fixedsmall')
+        model = ScaleModel()
+        kwargs = dict(batch_size=64, image_shape=SHAPE)
+        ddim = sampling.make_sample_fn(model, d_small, sampler='ddim', eta=1.0, **kwargs)
+        ancestral = sampling.make_sample_fn(model, d_small, sampler='ancestral', **kwargs)
+        params, rng = {'w': jnp.float32(0.3)}, jax.random.PRNGKey(2)
+        a, b = np.asarray(ancestral(params, rng)), np.asarray(ddim(params, rng))
+        np.testing.assert_allclose(b, a, atol=1e-4)
+        # And in distribution over fresh noise: equal mean and spread across 64 x 16 pixels.
+        c = np.asarray(ddim(params, jax.random.PRNGKey(3)))
+        self.assertLess(abs(c.mean() - a.mean()), 4 * a.std() / math.sqrt(a.size))
+        self.assertLess(abs(c.std() / a.std() - 1), 0.1)
+
+    @parameterized.parameters(('ancestral', None, 40), ('ancestral', 7, 7), ('ddim', 10, 10))
+    def test_the_program_is_one_scan_over_all_steps(self, sampler, num_steps, length):
+        sample_fn = sampling.make_sample_fn(
+            ScaleModel(),
+            _diffusion(40),
+            batch_size=2,
+            image_shape=SHAPE,
+            sampler=sampler,
+            num_steps=num_steps,
+        )
+        jaxpr = jax.make_jaxpr(sample_fn)({'w': jnp.float32(0.3)}, jax.random.PRNGKey(0))
+        scans = _scan_lengths(jaxpr.jaxpr)
+        self.assertEqual(scans, [length])  # one scan, no Python loop unrolled around it
+
     def test_trajectory_ends_at_the_returned_images(self):
         d = _diffusion(30)
         model = OracleModel(tuple(_alpha_bar(30)), -0.3)
@@ -166,6 +242,53 @@ class RespacingTest(parameterized.TestCase):
             sampling.make_sample_fn(
                 ScaleModel(), _diffusion(10), batch_size=1, image_shape=SHAPE, num_steps=11
             )
+
+
+class InterpolationTest(parameterized.TestCase):
+    def test_interpolation_matches_a_numpy_loop_of_section_6_3(self):
+        num_t, t_start, num_lambdas = 40, 25, 5
+        d = _diffusion(num_t)
+        ab = _alpha_bar(num_t)
+        betas = np.linspace(1e-4, 0.2, num_t)
+        interpolate_fn = sampling.make_interpolate_fn(
+            ScaleModel(),
+            d,
+            image_shape=SHAPE,
+            t=t_start,
+            num_lambdas=num_lambdas,
+            clip_denoised=False,
+        )
+        gen = np.random.default_rng(0)
+        a, b = (gen.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(2))
+        rng = jax.random.PRNGKey(3)
+        got = np.asarray(interpolate_fn({'w': jnp.float32(0.3)}, a, b, rng))
+        self.assertEqual(got.shape, (num_lambdas, *SHAPE))
+        # The documented draws: the encoder noise from split(rng)[0], shared by both sources;
+        # the reverse noise of step t from fold_in(split(rng)[1], t), shared across lambda.
+        enc_rng, dec_rng = jax.random.split(rng)
+        noise = np.asarray(jax.random.normal(enc_rng, (1, *SHAPE)), np.float64)[0]
+        s_ab, s_1mab = math.sqrt(ab[t_start]), math.sqrt(1 - ab[t_start])
+        for j, lam in enumerate(np.linspace(0, 1, num_lambdas)):
+            x_a, x_b = s_ab * a + s_1mab * noise, s_ab * b + s_1mab * noise
+            x = (1 - lam) * x_a + lam * x_b
+            for t in reversed(range(t_start + 1)):
+                eps = 0.3 * x
+                mean = (x - betas[t] / math.sqrt(1 - ab[t]) * eps) / math.sqrt(1 - betas[t])
+                z = np.asarray(jax.random.normal(jax.random.fold_in(dec_rng, t), SHAPE))
+                x = mean + (math.sqrt(betas[t]) if t > 0 else 0.0) * z
+            np.testing.assert_allclose(got[j], x, rtol=1e-4, atol=1e-4)
+
+    def test_an_oracle_model_reconstructs_both_ends(self):
+        # With every training image equal to c, the chain returns c whatever it starts from.
+        d = _diffusion(40)
+        model = OracleModel(tuple(_alpha_bar(40)), -0.25)
+        interpolate_fn = sampling.make_interpolate_fn(model, d, image_shape=SHAPE, t=30)
+        out = interpolate_fn({}, jnp.full(SHAPE, -0.25), jnp.full(SHAPE, 0.9), jax.random.key(0))
+        np.testing.assert_allclose(out, -0.25, atol=1e-4)
+
+    def test_a_step_outside_the_chain_is_refused(self):
+        with self.assertRaisesRegex(ValueError, r'interpolation step t must be in \[0, 10\)'):
+            sampling.make_interpolate_fn(ScaleModel(), _diffusion(10), image_shape=SHAPE, t=10)
 
 
 class ScoreTest(parameterized.TestCase):
