@@ -209,6 +209,30 @@ class Checkpointer:
             f'no checkpoint in {self.directory} could be restored; tried ' + '; '.join(failures)
         )
 
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON `meta` of checkpoint `step` (default: the newest complete one), no arrays.
+
+        Raises:
+            CheckpointError: no such complete step, or its meta cannot be read.
+        """
+        complete = self._complete_steps()
+        step = complete[-1] if step is None and complete else step
+        if step not in complete:
+            raise CheckpointError(
+                f'step {step} is not a complete checkpoint in {self.directory}; '
+                f'complete steps: {complete}'
+            )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        except Exception as e:  # orbax raises several types for damaged files
+            raise CheckpointError(
+                f'could not read the metadata of checkpoint step {step} in {self.directory}: '
+                f'{type(e).__name__}: {e}'
+            ) from e
+        return restored['meta']
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are written and finalized."""
         self._manager.wait_until_finished()

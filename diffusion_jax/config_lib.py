@@ -18,6 +18,7 @@ import importlib.util
 import math
 import numbers
 import os
+import re
 import reprlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -100,6 +101,11 @@ SCHEMA: dict[str, Field] = {
     'sampling.clip_denoised': Field(bool),
     'sampling.num_samples': Field(int, bounds=_POSITIVE),
     'sampling.batch_size': Field(int, bounds=_POSITIVE),
+    'sampling.seed': Field(int),
+    'sampling.checkpoint_step': Field(int, nullable=True, bounds=_NON_NEGATIVE),
+    'sampling.interpolate': Field(str),  # '' or 'I,J': _check_interpolate
+    'sampling.interpolate_t': Field(int, nullable=True, bounds=_NON_NEGATIVE),
+    'sampling.interpolate_num': Field(int, bounds='[2, inf)'),
     'eval.batch_size': Field(int, bounds=_POSITIVE),
     'eval.bpd': Field(bool),
     'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
@@ -336,7 +342,22 @@ def _check_num_steps(v: dict[str, Any]) -> Iterator[str]:
         yield _line('sampling.num_steps', what, f'use at most {num_timesteps}, or None for all T')
 
 
+def _check_interpolate(v: dict[str, Any]) -> Iterator[str]:
+    pair, t, num_timesteps = (
+        v.get('sampling.interpolate'),
+        v.get('sampling.interpolate_t'),
+        v.get('diffusion.num_timesteps'),
+    )
+    if pair and not re.fullmatch(r'\d+,\d+', pair):
+        what = f'{pair!r} is not two image indices'
+        yield _line('sampling.interpolate', what, "write 'I,J', e.g. '0,1', or '' to skip it")
+    if t is not None and num_timesteps is not None and t >= num_timesteps:
+        what = f'{t} is not below diffusion.num_timesteps {num_timesteps}'
+        yield _line('sampling.interpolate_t', what, f'use 0..{num_timesteps - 1}')
+
+
 _CROSS_CHECKS = (
+    _check_interpolate,
     _check_data_path,
     _check_resolutions,
     _check_group_norm,

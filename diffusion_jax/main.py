@@ -23,6 +23,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'Multi-host jobs: host:port of process 0, with --num_processes and --process_id. Not '
+    'needed on Cloud TPU VMs, which join by themselves.',
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host jobs: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host jobs: this process, 0-based.')
 
 
 # Libraries whose INFO lines (dozens per checkpoint) would bury the training log.
@@ -86,21 +94,28 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         _fail(str(e))
     workdir = _WORKDIR.value
-    if _MODE.value != 'train':
-        _fail(
-            f'--mode={_MODE.value} is not available yet in this version; '
-            'only --mode=train is implemented'
-        )
+    if _MODE.value == 'eval':
+        _fail('--mode=eval is not available yet in this version; use --mode=train or --mode=sample')
     # Heavy imports (jax, TensorFlow) only after the cheap checks above.
-    from diffusion_jax import checkpointing, input_pipeline, parallel, train
+    from diffusion_jax import parallel
+
+    try:
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:
+        _fail(str(e))
+    from diffusion_jax import checkpointing, generate, input_pipeline, train
 
     logging.info('workdir: %s', workdir)
     try:
-        train.train_and_evaluate(config, workdir)
+        if _MODE.value == 'train':
+            train.train_and_evaluate(config, workdir)
+        else:
+            generate.run_sample_mode(config, workdir)
     except (
         input_pipeline.DatasetError,
         checkpointing.CheckpointError,
         parallel.BatchSizeError,
+        generate.SampleError,
         FloatingPointError,
     ) as e:
         _fail(str(e))

@@ -2,16 +2,19 @@
 
 Parameters are replicated on every device of every host; the global batch is sharded along
 its first axis. Each host supplies its local part and `jax.make_array_from_process_local_data`
-assembles the global array.
+assembles the global array. `initialize_distributed` joins the hosts of a multi-host job.
 """
 
 import collections
+import glob
+import importlib.util
 import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -75,3 +78,59 @@ def prefetch_to_mesh(
     while queue:
         yield queue.popleft()
         enqueue(1)
+
+
+def on_cloud_tpu_vm() -> bool:
+    """True on a Cloud TPU VM: libtpu is installed and the host has TPU chips attached."""
+    if importlib.util.find_spec('libtpu') is None:
+        return False
+    return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Joins a multi-process (multi-host) JAX job, only when asked to.
+
+    With all three arguments, initialises `jax.distributed` with them (GPU clusters, CPU tests;
+    CPU processes exchange data through gloo). With none, initialises automatically on a Cloud
+    TPU VM, where JAX finds the other workers itself, and does nothing elsewhere. Must run
+    before any other JAX call.
+
+    Returns:
+      Whether `jax.distributed` was initialised.
+
+    Raises:
+      ValueError: only some of the three arguments were given, or they are inconsistent.
+    """
+    given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            '--coordinator_address, --num_processes and --process_id go together: give all '
+            'three (e.g. --coordinator_address=host0:1234 --num_processes=2 --process_id=0) '
+            'or none'
+        )
+    if all(given):
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f'--process_id={process_id} must be in [0, --num_processes={num_processes})'
+            )
+        # Cross-process collectives for CPU devices; accelerators bring their own.
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+        return True
+    if on_cloud_tpu_vm():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array, sharded over the devices of every process, as numpy on every process."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

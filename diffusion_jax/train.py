@@ -170,7 +170,9 @@ class _Progress:
 
 def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
     """Samples with the EMA parameters and writes a PNG grid (lead process only)."""
-    images = image_io.to_uint8(sample_fn(state.ema_params, jax.random.fold_in(rng, step)))
+    images = image_io.to_uint8(
+        parallel.to_host(sample_fn(state.ema_params, jax.random.fold_in(rng, step)))
+    )
     if jax.process_index() != 0:
         return
     grid = image_io.make_grid(images)
@@ -230,12 +232,15 @@ def train_and_evaluate(
     jit_train_step = make_jit_train_step(config, diffusion, learning_rate_fn, mesh)
     sample_fn = None
     if config.training.sample_every_steps:
+        # Up to 64 images for the grid, a multiple of the device count.
+        devices = jax.device_count()
         sample_fn = sampling.make_sample_fn(
             model,
             diffusion,
-            batch_size=min(config.sampling.num_samples, 64),
+            batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
             image_shape=image_shape(config),
             clip_denoised=config.sampling.clip_denoised,
+            mesh=mesh,
         )
     num_steps = config.training.num_train_steps
     progress = _Progress(start_step, num_steps, batch_size)

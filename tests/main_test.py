@@ -57,8 +57,19 @@ class MainTest(parameterized.TestCase):
         self.assert_user_error(run_main('--config=configs/digits.py'), '--workdir is required')
 
     def test_modes_that_do_not_exist_yet_say_so(self):
-        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=sample')
+        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=eval')
         self.assert_user_error(proc, 'not available yet')
+
+    @parameterized.parameters(
+        (['--coordinator_address=localhost:1234'], 'go together: give all three'),
+        (
+            ['--coordinator_address=localhost:1', '--num_processes=2', '--process_id=2'],
+            'must be in [0, --num_processes=2)',
+        ),
+    )
+    def test_incomplete_multihost_flags_are_refused(self, flags, message):
+        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', *flags)
+        self.assert_user_error(proc, message)
 
     def test_a_batch_that_does_not_divide_over_the_devices_names_sizes_that_work(self):
         proc = run_main(

@@ -1,0 +1,332 @@
+"""Sampling from a trained workdir: `--mode=sample` and its Python helpers.
+
+* `load_sampler` restores a checkpoint's EMA parameters with the config they were trained with
+  and returns a ready `sample_fn(params, rng, first_index=0)` sharded over every device.
+* `generate_to_npz` draws N images in batches and writes each batch as a shard file as soon as
+  it is done, so a killed run of 50k images resumes where it stopped. Image i depends only on
+  (seed, i) (see `sampling`), so the result does not depend on the batch size, the number of
+  devices or where the run was interrupted. The final `.npz` is written atomically.
+* `run_sample_mode` is `--mode=sample`: the npz, a PNG grid and, when asked, the interpolation
+  strip of Ho et al. 2020, section 6.3.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+from diffusion_jax import (
+    checkpointing,
+    image_io,
+    input_pipeline,
+    models,
+    parallel,
+    sampling,
+    train,
+)
+from diffusion_jax import train_state as train_state_lib
+
+# What of the stored config describes the weights (None: the whole section); everything else,
+# data locations included, comes from the caller.
+MODEL_KEYS = {'data': ('dataset', 'image_size', 'num_channels'), 'model': None, 'diffusion': None}
+_SHARD_RE = re.compile(r'images_(\d{8})_(\d{8})\.npz')
+
+
+class SampleError(ValueError):
+    """A sampling request that cannot be carried out (no checkpoint, conflicting partial run)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, 'checkpoints')
+
+
+def merge_model_config(
+    stored: dict[str, Any], config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """`config` with the model, diffusion and image format of the checkpoint's `stored` config.
+
+    The weights only make sense with the architecture and diffusion they were trained with;
+    sampling, eval and training settings and data locations stay the caller's. Differences are
+    logged.
+    """
+    merged = ml_collections.ConfigDict(config.to_dict())
+    for section, keys in MODEL_KEYS.items():
+        for key, value in stored.get(section, {}).items():
+            if keys is not None and key not in keys:
+                continue
+            current = config[section].get(key) if key in config[section] else None
+            value = tuple(value) if isinstance(value, list) else value
+            current = tuple(current) if isinstance(current, list) else current
+            if current != value:
+                logging.warning(
+                    "config.%s.%s: using the checkpoint's %r, not %r", section, key, value, current
+                )
+            merged[section][key] = value
+    return merged
+
+
+def load_sampler(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    *,
+    step: int | None = None,
+    batch_size: int | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+) -> tuple[sampling.SampleFn, Any, ml_collections.ConfigDict, int]:
+    """Restores a checkpoint's EMA parameters and builds a sampler sharded over every device.
+
+    Args:
+      workdir: a training workdir (its `checkpoints/` folder).
+      config: supplies the sampling settings; data/model/diffusion come from the checkpoint.
+      step: restore this step; None means the newest complete one.
+      batch_size: images per call; None means `config.sampling.batch_size`.
+      sampler, num_steps: override `config.sampling.sampler` / `num_steps`.
+
+    Returns:
+      (sample_fn, ema_params, the merged config, the restored step); call
+      `sample_fn(ema_params, rng, first_index)` -> [batch_size, H, W, C] in [-1, 1].
+
+    Raises:
+      SampleError: the workdir has no complete checkpoint.
+    """
+    no_checkpoint = SampleError(
+        f'no checkpoint in {checkpoint_dir(workdir)}: train first '
+        '(--mode=train with the same --workdir), or pass the workdir of a trained run'
+    )
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():  # do not create it
+        raise no_checkpoint
+    ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), keep=1, save_every_steps=1)
+    try:
+        if ckpt.latest_valid_step() is None:
+            raise no_checkpoint
+        # The stored config decides the architecture, so read it before building the model.
+        meta = ckpt.restore_meta(step)
+        config = merge_model_config(meta.get('config', {}), config)
+        mesh = parallel.create_mesh()
+        model = models.get_model(config)
+        tx, _ = train_state_lib.create_optimizer(config.optim)
+        target = train_state_lib.create_train_state(
+            model, tx, jax.random.PRNGKey(0), train.image_shape(config)
+        )
+        target = jax.device_put(target, parallel.replicated(mesh))
+        state, _ = ckpt.restore(target, step)
+    finally:
+        ckpt.close()
+    s = config.sampling
+    sample_fn = sampling.make_sample_fn(
+        model,
+        train.create_diffusion(config),
+        batch_size=batch_size or s.batch_size,
+        image_shape=train.image_shape(config),
+        sampler=sampler or s.sampler,
+        num_steps=num_steps if num_steps is not None else s.num_steps,
+        eta=s.eta,
+        clip_denoised=s.clip_denoised,
+        mesh=mesh,
+    )
+    return sample_fn, state.ema_params, config, int(state.step)
+
+
+def _done_prefix(shard_dir: str) -> int:
+    """How many images, counting from 0, the shard files in `shard_dir` cover without a gap."""
+    ranges = sorted(
+        (int(m[1]), int(m[2]))
+        for path in glob.glob(os.path.join(shard_dir, 'images_*.npz'))
+        if (m := _SHARD_RE.fullmatch(os.path.basename(path)))
+    )
+    done = 0
+    for start, end in ranges:
+        if start > done:
+            break
+        done = max(done, end)
+    return done
+
+
+def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
+    """Creates `shard_dir` for `spec`, or checks a partial run's spec; returns images done."""
+    spec_path = os.path.join(shard_dir, 'spec.json')
+    if os.path.exists(spec_path):
+        with open(spec_path) as f:
+            old = json.load(f)
+        if old != spec:
+            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise SampleError(
+                f'{shard_dir} holds a partial sampling run with other settings ({", ".join(diff)} '
+                'differ): rerun with the same settings to resume it, or delete the folder'
+            )
+        return _done_prefix(shard_dir)
+    image_io.save_json(spec_path, spec)
+    return 0
+
+
+def generate_to_npz(
+    sample_fn: sampling.SampleFn,
+    params: Any,
+    *,
+    path: str,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    spec: dict[str, Any],
+) -> np.ndarray | None:
+    """Draws `num_samples` images into `path` (array `images`, uint8 [N, H, W, C]), resumably.
+
+    Each batch is written to `<path>.partial/images_<start>_<end>.npz` as soon as it is done; a
+    rerun with the same `spec` skips the images already there. The final file is written
+    atomically and the shard folder removed. Only process 0 writes.
+
+    Args:
+      sample_fn: `sample_fn(params, rng, first_index)` -> [batch_size, H, W, C] in [-1, 1].
+      params: the (EMA) parameters.
+      path: the output .npz.
+      num_samples: N >= 1, any size (the last batch is cut).
+      batch_size: images per `sample_fn` call.
+      seed: image i uses `fold_in(PRNGKey(seed), i)`.
+      spec: JSON-able description of the run (checkpoint step, sampler, ...); a partial run
+        with another spec is refused, not mixed in.
+
+    Returns:
+      The images, uint8 [N, H, W, C], on process 0; None on the other processes.
+    """
+    if num_samples < 1:
+        raise SampleError(f'num_samples must be >= 1, got {num_samples}')
+    shard_dir = path + '.partial'
+    spec = {**spec, 'seed': seed, 'num_samples': num_samples}
+    lead = jax.process_index() == 0
+    # Process 0 alone reads and writes files; the others learn from it where to start.
+    done, refusal = 0, None
+    if lead:
+        try:
+            done = _open_shard_dir(shard_dir, spec)
+        except SampleError as e:
+            done, refusal = -1, e
+    done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    if done < 0:
+        raise refusal or SampleError(f'process 0 refused {shard_dir}; see its log')
+    if done:
+        logging.info('resuming: %d of %d images already in %s', done, num_samples, shard_dir)
+    rng = jax.random.PRNGKey(seed)
+    interactive = lead and sys.stderr.isatty()
+    with tqdm.tqdm(
+        initial=done, total=num_samples, unit='img', disable=not interactive, dynamic_ncols=True
+    ) as bar:
+        for start in range(done, num_samples, batch_size):
+            end = min(start + batch_size, num_samples)
+            images = parallel.to_host(sample_fn(params, rng, start))[: end - start]
+            if lead:
+                image_io.save_npz(
+                    os.path.join(shard_dir, f'images_{start:08d}_{end:08d}.npz'),
+                    images=image_io.to_uint8(images),
+                )
+            bar.update(end - start)
+            if not interactive:
+                logging.info('sampled %d of %d images', end, num_samples)
+    images = _join_shards(shard_dir, num_samples) if lead else None
+    if lead:
+        image_io.save_npz(path, images=images)
+        shutil.rmtree(shard_dir)
+    multihost_utils.sync_global_devices('generate_to_npz: written')
+    return images
+
+
+def _join_shards(shard_dir: str, num_samples: int) -> np.ndarray:
+    """The first `num_samples` images of the shards in `shard_dir`, in order."""
+    parts, covered = [], 0
+    for shard in sorted(glob.glob(os.path.join(shard_dir, 'images_*.npz'))):
+        # Shards of an earlier run with another batch size may overlap.
+        start, end = (int(g) for g in _SHARD_RE.fullmatch(os.path.basename(shard)).groups())
+        if start > covered:
+            raise SampleError(f'{shard_dir} misses images {covered} to {start}; delete it')
+        if end > covered:
+            with np.load(shard) as f:
+                parts.append(f['images'][covered - start :])
+            covered = end
+    images = np.concatenate(parts)[:num_samples] if parts else np.zeros((0,), np.uint8)
+    if images.shape[0] != num_samples:
+        raise SampleError(f'{shard_dir} covers {images.shape[0]} of {num_samples} images')
+    return images
+
+
+def _source_images(config: ml_collections.ConfigDict, indices: list[int]) -> np.ndarray:
+    """Images `indices` of the eval split, float32 [len(indices), H, W, C] in [-1, 1]."""
+    wanted = max(indices) + 1
+    batches = input_pipeline.eval_iterator(config.data, batch_size=wanted, num_examples=wanted)
+    images = np.concatenate([b['image'] for b in batches])
+    if len(images) < wanted:
+        raise SampleError(
+            f'config.sampling.interpolate={config.sampling.interpolate!r}: the '
+            f'{config.data.eval_split!r} split has only {len(images)} images'
+        )
+    return images[indices]
+
+
+def _write_interpolation(config, workdir, params, step) -> str:
+    """Writes the strip [source a, the interpolants, source b] as a PNG; returns its path."""
+    s = config.sampling
+    i, j = (int(k) for k in s.interpolate.split(','))
+    sources = _source_images(config, [i, j])
+    diffusion = train.create_diffusion(config)
+    t = s.interpolate_t if s.interpolate_t is not None else diffusion.num_timesteps // 2
+    interpolate_fn = sampling.make_interpolate_fn(
+        models.get_model(config),
+        diffusion,
+        image_shape=train.image_shape(config),
+        t=t,
+        num_lambdas=s.interpolate_num,
+        clip_denoised=s.clip_denoised,
+    )
+    mixed = interpolate_fn(params, sources[0], sources[1], jax.random.PRNGKey(s.seed))
+    strip = image_io.to_uint8(np.concatenate([sources[:1], np.asarray(mixed), sources[1:]]))
+    grid = image_io.make_grid(strip, ncol=len(strip))
+    path = os.path.join(workdir, 'samples', f'interpolate_{step}_{i}_{j}_t{t}.png')
+    if jax.process_index() == 0:
+        image_io.save_png(path, grid, scale=max(1, 64 // strip.shape[1]))
+    return path
+
+
+def run_sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`--mode=sample`: `config.sampling.num_samples` images into `samples/samples_<step>.npz`.
+
+    Also writes a PNG grid of the first (up to) 100 images next to it, and the interpolation strip
+    when `config.sampling.interpolate` is set. Returns the npz path.
+    """
+    s = config.sampling
+    sample_fn, params, config, step = load_sampler(workdir, config, step=s.checkpoint_step)
+    path = os.path.join(workdir, 'samples', f'samples_{step}.npz')
+    spec = {
+        'checkpoint_step': step,
+        'sampler': s.sampler,
+        'num_steps': s.num_steps,
+        'eta': s.eta,
+        'clip_denoised': s.clip_denoised,
+    }
+    logging.info('sampling %d images from checkpoint step %d into %s', s.num_samples, step, path)
+    images = generate_to_npz(
+        sample_fn,
+        params,
+        path=path,
+        num_samples=s.num_samples,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        spec=spec,
+    )
+    grid_path = os.path.join(workdir, 'samples', f'samples_{step}.png')
+    if jax.process_index() == 0:
+        grid = image_io.make_grid(images[:100])
+        image_io.save_png(grid_path, grid, scale=max(1, 256 // grid.shape[0]))
+    logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
+    if s.interpolate:
+        logging.info('wrote %s', _write_interpolation(config, workdir, params, step))
+    return path
