@@ -289,10 +289,9 @@ def _write_interpolation(config, workdir, params, step) -> str:
     )
     mixed = interpolate_fn(params, sources[0], sources[1], jax.random.PRNGKey(s.seed))
     strip = image_io.to_uint8(np.concatenate([sources[:1], np.asarray(mixed), sources[1:]]))
-    grid = image_io.make_grid(strip, ncol=len(strip))
     path = os.path.join(workdir, 'samples', f'interpolate_{step}_{i}_{j}_t{t}.png')
     if jax.process_index() == 0:
-        image_io.save_png(path, grid, scale=max(1, 64 // strip.shape[1]))
+        image_io.save_grid(path, strip, ncol=len(strip), size=64 * len(strip))
     return path
 
 
@@ -324,8 +323,7 @@ def run_sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
     )
     grid_path = os.path.join(workdir, 'samples', f'samples_{step}.png')
     if jax.process_index() == 0:
-        grid = image_io.make_grid(images[:100])
-        image_io.save_png(grid_path, grid, scale=max(1, 256 // grid.shape[0]))
+        image_io.save_grid(grid_path, images[:100])
     logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
     if s.interpolate:
         logging.info('wrote %s', _write_interpolation(config, workdir, params, step))

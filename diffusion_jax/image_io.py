@@ -71,6 +71,18 @@ def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def save_grid(
+    path: str, images: np.ndarray, *, ncol: int | None = None, size: int = 512
+) -> np.ndarray:
+    """Saves uint8 images [N, H, W, C] as one PNG grid, upscaled (nearest) to about `size` px.
+
+    Small images (8x8 digits) would be a thumbnail otherwise. Returns the grid before upscaling.
+    """
+    grid = make_grid(images, ncol=ncol)
+    save_png(path, grid, scale=max(1, size // max(grid.shape[:2])))
+    return grid
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
     """Saves arrays to an .npz atomically."""
     buf = io.BytesIO()

@@ -175,10 +175,8 @@ def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
     )
     if jax.process_index() != 0:
         return
-    grid = image_io.make_grid(images)
-    scale = max(1, 256 // grid.shape[0])  # small images (8x8 digits) are upscaled for viewing
     path = os.path.join(workdir, 'samples', f'grid_{step:08d}.png')
-    image_io.save_png(path, grid, scale=scale)
+    grid = image_io.save_grid(path, images)
     writer.write_images(step, {'samples': grid[None]})
     logging.info('step %d: wrote %s', step, path)
 

@@ -32,6 +32,16 @@ class ImageIoTest(parameterized.TestCase):
         self.assertEqual(grid[4, 9, 0], 0)  # the sixth cell is empty padding
         self.assertEqual(grid[0, :, 0].max(), 0)
 
+    def test_saved_grids_of_small_images_are_upscaled_to_about_the_asked_size(self):
+        images = np.random.default_rng(1).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'grid.png')
+            grid = image_io.save_grid(path, images, size=512)
+            saved = np.asarray(Image.open(path))
+        self.assertEqual(grid.shape, (102, 102, 1))  # 10 x 10 cells of 8 + 2 padding, + 2
+        self.assertEqual(saved.shape, (510, 510))  # 5x: the largest scale within 512
+        np.testing.assert_array_equal(saved[::5, ::5], grid[..., 0])
+
     def test_png_round_trips_exactly_and_scales_by_nearest(self):
         image = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
         with tempfile.TemporaryDirectory() as d:
