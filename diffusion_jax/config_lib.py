@@ -109,6 +109,11 @@ SCHEMA: dict[str, Field] = {
     'eval.batch_size': Field(int, bounds=_POSITIVE),
     'eval.bpd': Field(bool),
     'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
+    'eval.num_samples': Field(int, bounds=_NON_NEGATIVE),
+    'eval.inception_weights': Field(str, nullable=True),
+    'eval.reference_stats': Field(str, nullable=True),
+    'eval.compute_reference': Field(bool),
+    'eval.reference_split': Field(str, nonempty=True),
 }
 
 # section -> its keys, in schema order.

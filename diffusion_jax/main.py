@@ -94,8 +94,6 @@ def main(argv: list[str]) -> None:
     except config_lib.ConfigError as e:
         _fail(str(e))
     workdir = _WORKDIR.value
-    if _MODE.value == 'eval':
-        _fail('--mode=eval is not available yet in this version; use --mode=train or --mode=sample')
     # Heavy imports (jax, TensorFlow) only after the cheap checks above.
     from diffusion_jax import parallel
 
@@ -103,19 +101,22 @@ def main(argv: list[str]) -> None:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
         _fail(str(e))
-    from diffusion_jax import checkpointing, generate, input_pipeline, train
+    from diffusion_jax import checkpointing, evaluate, generate, input_pipeline, train
 
     logging.info('workdir: %s', workdir)
+    modes = {
+        'train': train.train_and_evaluate,
+        'sample': generate.run_sample_mode,
+        'eval': evaluate.run_eval_mode,
+    }
     try:
-        if _MODE.value == 'train':
-            train.train_and_evaluate(config, workdir)
-        else:
-            generate.run_sample_mode(config, workdir)
+        modes[_MODE.value](config, workdir)
     except (
         input_pipeline.DatasetError,
         checkpointing.CheckpointError,
         parallel.BatchSizeError,
         generate.SampleError,
+        evaluate.EvalError,
         FloatingPointError,
     ) as e:
         _fail(str(e))

@@ -1,0 +1,121 @@
+"""The NLL bound over a dataset, rate-distortion, and `--mode=eval` on a tiny trained workdir."""
+
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+from absl.testing import absltest, parameterized
+from generate_test import tiny_config
+
+from diffusion_jax import diffusion as diffusion_lib
+from diffusion_jax import evaluate, input_pipeline, models, parallel, train
+from diffusion_jax.evaluation import bpd
+
+
+class RateDistortionTest(parameterized.TestCase):
+    def test_rate_is_the_prior_plus_the_terms_still_to_send(self):
+        vb = np.array([0.5, 0.25, 0.125, 0.0625])
+        mse = np.array([0.01, 0.04, 0.09, 0.16])
+        out = bpd.rate_distortion(vb, 0.03, mse)
+        # Having x_t (code index t), the receiver got the prior and L_{T-1}, ..., L_{t+1}.
+        expected_rate = [0.03 + vb[t + 1 :].sum() for t in range(4)]
+        np.testing.assert_allclose(out['rate_bpd'], expected_rate)
+        np.testing.assert_allclose(out['distortion_rmse'], 127.5 * np.array([0.1, 0.2, 0.3, 0.4]))
+        # With the decoder term L_0 too, the rate reaches the whole bound.
+        self.assertAlmostEqual(out['rate_bpd'][0] + vb[0], 0.03 + vb.sum())
+
+
+class EvaluateBpdTest(parameterized.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.config = tiny_config()
+        self.model = models.get_model(self.config)
+        self.diffusion = train.create_diffusion(self.config)
+        self.params = self.model.init(
+            jax.random.PRNGKey(0),
+            np.zeros((1, 8, 8, 1), np.float32),
+            np.zeros((1,), np.int32),
+            train=False,
+        )['params']
+        self.images = input_pipeline.to_float(
+            input_pipeline.load_images(self.config.data, 'test')[:5]
+        )
+
+    def _direct(self, x, rng):
+        """calc_bpd_loop on one batch, unsharded: the reference."""
+
+        def model_fn(x_t, t):
+            return self.model.apply({'params': self.params}, x_t, t, train=False)
+
+        out = diffusion_lib.calc_bpd_loop(self.diffusion, model_fn, x, rng)
+        return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+    def test_padding_is_dropped_and_the_mean_is_over_real_images(self):
+        mesh = parallel.create_mesh()
+        bpd_fn = bpd.make_bpd_fn(self.model, self.diffusion, mesh)
+        rng = jax.random.PRNGKey(9)
+        batches = [{'image': self.images[:4]}, {'image': self.images[4:]}]
+        result = bpd.evaluate_bpd(bpd_fn, self.params, batches, mesh=mesh, batch_size=4, rng=rng)
+        first = self._direct(self.images[:4], jax.random.fold_in(rng, 0))
+        last = self._direct(np.repeat(self.images[4:], 4, axis=0), jax.random.fold_in(rng, 1))
+        total = np.concatenate([first['total_bpd'], last['total_bpd'][:1]])
+        vb = np.concatenate([first['vb'], last['vb'][:1]])
+        self.assertEqual(result['num_images'], 5)
+        self.assertLen(result['vb_per_t'], self.config.diffusion.num_timesteps)
+        np.testing.assert_allclose(result['total_bpd'], total.mean(), rtol=1e-5)
+        np.testing.assert_allclose(result['vb_per_t'], vb.mean(axis=0), rtol=1e-5)
+        self.assertAlmostEqual(result['decoder_bpd'], result['vb_per_t'][0])
+        # The parts add up to the whole.
+        np.testing.assert_allclose(
+            result['prior_bpd'] + sum(result['vb_per_t']), result['total_bpd'], rtol=1e-6
+        )
+
+    def test_the_bound_is_deterministic_for_a_seed(self):
+        mesh = parallel.create_mesh()
+        bpd_fn = bpd.make_bpd_fn(self.model, self.diffusion, mesh)
+
+        def run(seed):
+            return bpd.evaluate_bpd(
+                bpd_fn,
+                self.params,
+                [{'image': self.images[:4]}],
+                mesh=mesh,
+                batch_size=4,
+                rng=jax.random.PRNGKey(seed),
+            )['total_bpd']
+
+        self.assertEqual(run(1), run(1))
+        self.assertNotEqual(run(1), run(2))
+
+
+class EvalModeTest(parameterized.TestCase):
+    def test_eval_mode_writes_the_table_plots_and_reports_fid_as_skipped(self):
+        with tempfile.TemporaryDirectory() as workdir:
+            config = tiny_config()
+            train.train_and_evaluate(config, workdir)
+            config.eval.bpd = True
+            config.eval.num_bpd_images = 8
+            config.eval.batch_size = 4
+            config.eval.num_samples = 12
+            with self.assertLogs(level='WARNING') as logs:
+                metrics = evaluate.run_eval_mode(config, workdir)
+            self.assertTrue(any('FID/IS skipped' in line for line in logs.output))
+            step = config.training.num_train_steps
+            with open(os.path.join(workdir, 'eval', f'metrics_{step}.json')) as f:
+                saved = json.load(f)
+            self.assertEqual(saved, json.loads(json.dumps(metrics)))
+            self.assertEqual(saved['fid'], 'skipped')
+            self.assertEqual(saved['nll_images'], 8)
+            self.assertEqual(saved['num_samples'], 12)
+            self.assertBetween(saved['digits_is'], 1.0, 10.0)
+            self.assertBetween(saved['real_heldout_digits_is'], 9.0, 10.0)
+            with open(os.path.join(workdir, 'eval', f'bpd_{step}.json')) as f:
+                self.assertLen(json.load(f)['rate_bpd'], config.diffusion.num_timesteps)
+            for name in (f'bpd_per_t_{step}.png', f'rate_distortion_{step}.png'):
+                self.assertTrue(os.path.getsize(os.path.join(workdir, 'eval', name)) > 1000)
+
+
+if __name__ == '__main__':
+    absltest.main()
