@@ -1,20 +1,21 @@
 """DDPM on scikit-learn's bundled 8x8 digits: the offline default that runs on a laptop CPU.
 
-The paper's method (linear betas, eps-prediction, L_simple, Adam with warm-up, EMA, ancestral
-sampling with sigma^2 = beta) on the 1,797 8x8 grayscale digits that ship inside scikit-learn,
-so a newcomer gets a real run with no download and no accelerator. The images are used at their
-native 8x8 size; their 17 grey levels are mapped to [-1, 1] like 8-bit pixels.
+The paper's method (eps-prediction, L_simple, Adam with warm-up, EMA, ancestral sampling with
+sigma^2 = beta) on the 1,797 8x8 grayscale digits that ship inside scikit-learn, so a newcomer
+gets a real run with no download and no accelerator. The images are used at their native 8x8
+size; their 17 grey levels are mapped to [-1, 1] like 8-bit pixels.
 
-Two deliberate departures keep it to about 16 minutes on 2 CPU cores: a small U-Net
-(651,041 parameters, attention only in the middle block, no dropout), and T=250 steps with
-Improved DDPM's scale-invariant linear schedule (beta from 1e-4 * 1000/T to 0.02 * 1000/T),
-so a sample costs 250 network calls, not 1000.
+Three deliberate departures keep it to about 13 minutes on 2 CPU cores: a small U-Net (651,041
+parameters, attention only in the middle block, no dropout); T=250 steps, so a sample costs 250
+network calls, not 1000; and Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17)
+instead of linear betas. At 8x8 the linear schedule leaves little signal over most of the
+chain; with the same 2,000 steps, cosine scored 8.05 against linear's 7.64 (digits IS below).
 
     python -m diffusion_jax.main --config=configs/digits.py --workdir=/tmp/ddpm_digits
 
-Measured: 16 min 10 s on 2 CPU cores; 1,000 samples score 8.89 (Inception-style score of the
-digits classifier, max 10) and a Frechet distance of 0.91 in its feature space; real held-out
-digits score 9.49 and 2.31.
+Measured: see README.md (wall time on 2 CPU cores; 1,000 samples score an Inception-style
+digits IS of about 9.4 of 10 and a Frechet distance of about 1.9 in the digits classifier's
+feature space; real held-out digits score 9.49 and 2.31).
 """
 
 import ml_collections
@@ -37,14 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.0
 
     config.diffusion.num_timesteps = 250
-    config.diffusion.beta_start = 1e-4 * 1000 / 250
-    config.diffusion.beta_end = 0.02 * 1000 / 250
+    config.diffusion.beta_schedule = 'cosine'  # beta_start / beta_end are unused by cosine
 
     config.training.batch_size = 64
-    config.training.num_train_steps = 5000
+    config.training.num_train_steps = 8000
     config.training.log_every_steps = 100
     config.training.checkpoint_every_steps = 1000
-    config.training.sample_every_steps = 2500
+    config.training.sample_every_steps = 4000
 
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 200
@@ -52,5 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling.num_samples = 100
     config.sampling.batch_size = 100
-    config.eval.batch_size = 500
+    config.eval.batch_size = 300
+    config.eval.bpd = True  # the whole 297-image test split: about a minute on 2 cores
+    config.eval.num_samples = 1000  # scored by the digits classifier (no Inception needed)
     return config
