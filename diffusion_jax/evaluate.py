@@ -163,7 +163,9 @@ def _fid_is(config, samples: np.ndarray) -> dict[str, Any]:
     chunks = (samples[i : i + batch_size] for i in range(0, len(samples), batch_size))
     logits = _accumulate(feature_fn, chunks, batch_size, stats)
     mu, sigma = _reference(config, feature_fn, batch_size)
-    is_mean, is_std = fid.inception_score(logits, splits=min(IS_SPLITS, len(samples)))
+    # 10 splits as in the paper, but never splits of fewer than 100 images.
+    splits = min(IS_SPLITS, max(1, len(samples) // 100))
+    is_mean, is_std = fid.inception_score(logits, splits=splits)
     return {
         'fid': fid.frechet_distance(stats.mean, stats.covariance, mu, sigma),
         'inception_score': is_mean,

@@ -7,6 +7,7 @@ import tempfile
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
+from flax import traverse_util
 from generate_test import tiny_config
 
 from diffusion_jax import diffusion as diffusion_lib
@@ -88,6 +89,58 @@ class EvaluateBpdTest(parameterized.TestCase):
 
         self.assertEqual(run(1), run(1))
         self.assertNotEqual(run(1), run(2))
+
+
+class FidTest(parameterized.TestCase):
+    def test_fid_and_is_with_random_inception_weights_against_numpy(self):
+        from diffusion_jax.evaluation import fid, inception
+
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = os.path.join(tmp, 'inception.npz')
+            params = inception.random_params(jax.random.PRNGKey(0))
+            np.savez(weights, **traverse_util.flatten_dict(params, sep='/'))
+            gen = np.random.default_rng(0)
+            real = gen.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+            np.savez(os.path.join(tmp, 'real.npz'), images=real)
+            samples = gen.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+            config = tiny_config()
+            config.data.dataset, config.data.path = 'npz', os.path.join(tmp, 'real.npz')
+            config.eval.inception_weights = weights
+            config.eval.batch_size = 4
+            with self.assertRaisesRegex(evaluate.EvalError, 'compute_reference=True'):
+                evaluate._fid_is(config, samples)
+            config.eval.compute_reference = True
+            got = evaluate._fid_is(config, samples)
+            cached = evaluate.reference_stats_path(config)
+            self.assertEqual(os.path.dirname(cached), tmp)  # next to the data
+            mtime = os.path.getmtime(cached)
+            self.assertEqual(evaluate._fid_is(config, samples), got)  # reads the cache
+            self.assertEqual(os.path.getmtime(cached), mtime)
+
+            # Independently: features of each set in one call, moments in NumPy.
+            feature_fn = inception.make_feature_fn(params)
+            f_real, _ = feature_fn(np.repeat(real, 3, axis=-1))
+            f_fake, logits = feature_fn(np.repeat(samples, 3, axis=-1))
+            f_real, f_fake = np.asarray(f_real, np.float64), np.asarray(f_fake, np.float64)
+            expected = fid.frechet_distance(
+                f_fake.mean(0),
+                np.cov(f_fake, rowvar=False),
+                f_real.mean(0),
+                np.cov(f_real, rowvar=False),
+            )
+            np.testing.assert_allclose(got['fid'], expected, rtol=1e-3)
+            p = jax.nn.softmax(np.asarray(logits, np.float64), axis=-1)
+            kl = np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)
+            # 5 samples make one split (splits never hold fewer than 100 images).
+            np.testing.assert_allclose(got['inception_score'], np.exp(kl.mean()), rtol=1e-4)
+
+    def test_a_missing_weights_file_skips_fid_with_the_way_to_get_it(self):
+        config = tiny_config()
+        config.eval.inception_weights = '/nonexistent/inception.npz'
+        with self.assertLogs(level='WARNING') as logs:
+            got = evaluate._fid_is(config, np.zeros((4, 8, 8, 1), np.uint8))
+        self.assertEqual(got, {'fid': 'skipped', 'inception_score': 'skipped'})
+        self.assertIn('convert_inception', logs.output[0])
 
 
 class EvalModeTest(parameterized.TestCase):

@@ -1,0 +1,296 @@
+"""The Inception network of FID and IS, in Flax: the 2015-12-05 graph as pytorch-fid ports it.
+
+FID (Heusel et al. 2017) and IS (Salimans et al. 2016) are defined by one specific network: the
+TensorFlow Inception graph of 2015-12-05 used by TTUR, pytorch-fid and clean-fid, with 2048-d
+"pool3" features and 1008 logits. It is InceptionV3 (Szegedy et al. 2016) with four quirks that
+pytorch-fid reproduces and we follow: the average pools of the A, C and first E blocks ignore
+the padding (`count_include_pad=False`), the last E block max-pools its pool branch, BatchNorm
+uses eps 1e-3, and the classifier has 1008 outputs.
+
+Preprocessing (pytorch-fid's): uint8 images -> [0, 1] -> bilinear resize to 299x299 with
+half-pixel centres and no antialiasing (torch's `interpolate(mode='bilinear',
+align_corners=False)`) -> 2x - 1. Weights are never downloaded: `load_params` reads the `.npz`
+that `convert_inception` writes from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+
+Parameter names mirror torchvision's (`Mixed_5b/branch1x1/conv/kernel`), so the converter only
+renames separators and transposes.
+"""
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from diffusion_jax import parallel
+
+NUM_FEATURES = 2048
+NUM_LOGITS = 1008
+INPUT_SIZE = 299
+BN_EPSILON = 1e-3
+FORMAT_VERSION = 1  # of the converted .npz
+# pytorch-fid's file name carries the first hex digits of its SHA-256 (torch.hub's convention).
+OFFICIAL_SHA256_PREFIX = '6726825d'
+
+
+class InceptionWeightsError(ValueError):
+    """A missing or mismatched Inception weights file."""
+
+
+HOWTO = (
+    "download pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the pytorch-fid GitHub "
+    'releases) on a machine with internet and convert it with `python -m '
+    'diffusion_jax.evaluation.convert_inception SRC DST.npz`'
+)
+
+
+class BasicConv(nn.Module):
+    """Conv (no bias) -> BatchNorm with running statistics -> ReLU."""
+
+    features: int
+    kernel: tuple[int, int]
+    strides: int = 1
+    padding: tuple[int, int] = (0, 0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        (ph, pw) = self.padding
+        x = nn.Conv(
+            self.features,
+            self.kernel,
+            strides=self.strides,
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            name='conv',
+        )(x)
+        bn = _BatchNorm(name='bn')
+        return nn.relu(bn(x))
+
+
+class _BatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (c,))
+        bias = self.param('bias', nn.initializers.zeros, (c,))
+        mean = self.param('mean', nn.initializers.zeros, (c,))
+        var = self.param('var', nn.initializers.ones, (c,))
+        return (x - mean) * jax.lax.rsqrt(var + BN_EPSILON) * scale + bias
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    """3x3, stride 1, padding 1, padding not counted (pytorch-fid's count_include_pad=False)."""
+    return nn.avg_pool(x, (3, 3), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool(x: jax.Array, strides: int = 2, pad: int = 0) -> jax.Array:
+    return nn.max_pool(x, (3, 3), strides=(strides, strides), padding=((pad, pad), (pad, pad)))
+
+
+class InceptionA(nn.Module):
+    pool_features: int
+
+    @nn.compact
+    def __call__(self, x):
+        b1 = BasicConv(64, (1, 1), name='branch1x1')(x)
+        b5 = BasicConv(48, (1, 1), name='branch5x5_1')(x)
+        b5 = BasicConv(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
+        b3 = BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
+        b3 = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+        bp = BasicConv(self.pool_features, (1, 1), name='branch_pool')(_avg_pool(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = BasicConv(384, (3, 3), strides=2, name='branch3x3')(x)
+        bd = BasicConv(64, (1, 1), name='branch3x3dbl_1')(x)
+        bd = BasicConv(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+        bd = BasicConv(96, (3, 3), strides=2, name='branch3x3dbl_3')(bd)
+        return jnp.concatenate([b3, bd, _max_pool(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+    channels_7x7: int
+
+    @nn.compact
+    def __call__(self, x):
+        c7 = self.channels_7x7
+        row, col = ((1, 7), (0, 3)), ((7, 1), (3, 0))  # (kernel, padding) of the factorised 7x7
+        b1 = BasicConv(192, (1, 1), name='branch1x1')(x)
+        b7 = BasicConv(c7, (1, 1), name='branch7x7_1')(x)
+        b7 = BasicConv(c7, row[0], padding=row[1], name='branch7x7_2')(b7)
+        b7 = BasicConv(192, col[0], padding=col[1], name='branch7x7_3')(b7)
+        bd = BasicConv(c7, (1, 1), name='branch7x7dbl_1')(x)
+        for i, (kernel, pad) in enumerate((col, row, col), start=2):
+            bd = BasicConv(c7, kernel, padding=pad, name=f'branch7x7dbl_{i}')(bd)
+        bd = BasicConv(192, row[0], padding=row[1], name='branch7x7dbl_5')(bd)
+        bp = BasicConv(192, (1, 1), name='branch_pool')(_avg_pool(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = BasicConv(192, (1, 1), name='branch3x3_1')(x)
+        b3 = BasicConv(320, (3, 3), strides=2, name='branch3x3_2')(b3)
+        b7 = BasicConv(192, (1, 1), name='branch7x7x3_1')(x)
+        b7 = BasicConv(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
+        b7 = BasicConv(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
+        b7 = BasicConv(192, (3, 3), strides=2, name='branch7x7x3_4')(b7)
+        return jnp.concatenate([b3, b7, _max_pool(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+    max_pool_branch: bool  # the last E block of the FID graph max-pools
+
+    @nn.compact
+    def __call__(self, x):
+        b1 = BasicConv(320, (1, 1), name='branch1x1')(x)
+        b3 = BasicConv(384, (1, 1), name='branch3x3_1')(x)
+        b3 = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+                BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+            ],
+            axis=-1,
+        )
+        bd = BasicConv(448, (1, 1), name='branch3x3dbl_1')(x)
+        bd = BasicConv(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+        bd = jnp.concatenate(
+            [
+                BasicConv(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+                BasicConv(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+            ],
+            axis=-1,
+        )
+        pooled = _max_pool(x, strides=1, pad=1) if self.max_pool_branch else _avg_pool(x)
+        bp = BasicConv(192, (1, 1), name='branch_pool')(pooled)
+        return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class InceptionV3(nn.Module):
+    """The FID Inception network: [B, 299, 299, 3] in [-1, 1] -> (pool3 [B, 2048], logits)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = BasicConv(32, (3, 3), strides=2, name='Conv2d_1a_3x3')(x)
+        x = BasicConv(32, (3, 3), name='Conv2d_2a_3x3')(x)
+        x = BasicConv(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+        x = _max_pool(x)
+        x = BasicConv(80, (1, 1), name='Conv2d_3b_1x1')(x)
+        x = BasicConv(192, (3, 3), name='Conv2d_4a_3x3')(x)
+        x = _max_pool(x)
+        x = InceptionA(32, name='Mixed_5b')(x)
+        x = InceptionA(64, name='Mixed_5c')(x)
+        x = InceptionA(64, name='Mixed_5d')(x)
+        x = InceptionB(name='Mixed_6a')(x)
+        for name, c7 in (
+            ('Mixed_6b', 128),
+            ('Mixed_6c', 160),
+            ('Mixed_6d', 160),
+            ('Mixed_6e', 192),
+        ):
+            x = InceptionC(c7, name=name)(x)
+        x = InceptionD(name='Mixed_7a')(x)
+        x = InceptionE(False, name='Mixed_7b')(x)
+        x = InceptionE(True, name='Mixed_7c')(x)
+        pool = jnp.mean(x, axis=(1, 2))
+        return pool, nn.Dense(NUM_LOGITS, name='fc')(pool)
+
+
+def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
+    """[B, H, W, C] -> [B, height, width, C], bilinear, half-pixel centres, no antialiasing."""
+    shape = (x.shape[0], height, width, x.shape[-1])
+    return jax.image.resize(x, shape, 'bilinear', antialias=False)
+
+
+def preprocess(images_uint8: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1] (pytorch-fid's order)."""
+    x = images_uint8.astype(jnp.float32) / 255.0
+    return 2.0 * resize_bilinear(x, INPUT_SIZE, INPUT_SIZE) - 1.0
+
+
+def random_params(rng: jax.Array) -> dict[str, Any]:
+    """Randomly initialised parameters (tests and shape checks)."""
+    x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    return jax.jit(InceptionV3().init)(rng, x)['params']
+
+
+@functools.cache
+def param_shapes() -> dict[str, tuple[int, ...]]:
+    """{'Mixed_5b/branch1x1/conv/kernel': shape, ...} of every parameter."""
+    x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
+    params = jax.eval_shape(InceptionV3().init, jax.random.key(0), x)['params']
+    flat = traverse_util.flatten_dict(params, sep='/')
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def load_params(path: str) -> dict[str, Any]:
+    """Reads converted weights (`convert_inception`'s .npz).
+
+    Raises:
+      InceptionWeightsError: the file is missing, unreadable, or does not fit the network.
+    """
+    if not path or not os.path.exists(path):
+        raise InceptionWeightsError(f'no Inception weights file at {path!r}: {HOWTO}')
+    try:
+        with np.load(path) as f:
+            flat = {k: f[k] for k in f.files if not k.startswith('_')}
+            source = str(f['_source_sha256']) if '_source_sha256' in f.files else 'unknown'
+    except (OSError, ValueError) as e:
+        raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}') from e
+    expected = param_shapes()
+    for key in sorted(set(expected) | set(flat)):
+        got = flat[key].shape if key in flat else None
+        if got != expected.get(key):
+            raise InceptionWeightsError(
+                f'{path} does not fit the FID Inception network: {key} has shape {got}, '
+                f'expected {expected.get(key)}; {HOWTO}'
+            )
+    if not source.startswith(OFFICIAL_SHA256_PREFIX):
+        logging.warning(
+            '%s was not converted from the official pt_inception-2015-12-05-%s.pth (source '
+            'SHA-256 %s): FID and IS will not be comparable with published numbers',
+            path,
+            OFFICIAL_SHA256_PREFIX,
+            source,
+        )
+    return traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep='/'
+    )
+
+
+def make_feature_fn(params: dict[str, Any], *, mesh=None):
+    """Jitted `fn(images_uint8 [B, H, W, 3]) -> (pool [B, 2048], logits [B, 1008])`, float32.
+
+    With a mesh the parameters are replicated and the batch sharded (B divides over it).
+    """
+    model = InceptionV3()
+
+    def features(p, images):
+        return model.apply({'params': p}, preprocess(images))
+
+    if mesh is None:
+        jitted = jax.jit(features)
+    else:
+        params = jax.device_put(params, parallel.replicated(mesh))
+        batched = parallel.batch_sharding(mesh)
+        jitted = jax.jit(
+            features, in_shardings=(parallel.replicated(mesh), batched), out_shardings=batched
+        )
+
+    def feature_fn(images_uint8):
+        images = np.asarray(images_uint8)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f'expected uint8 [B, H, W, 3], got {images.dtype} {images.shape}')
+        return jitted(params, images)
+
+    return feature_fn
