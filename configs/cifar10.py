@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_checkpoints = 3
     training.sample_every_steps = 20_000  # 0 disables sample grids during training
     training.seed = 0
+    training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'adam'  # adam | adamw

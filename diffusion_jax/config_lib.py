@@ -86,6 +86,7 @@ SCHEMA: dict[str, Field] = {
     'training.keep_checkpoints': Field(int, bounds=_POSITIVE),
     'training.sample_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
     'training.seed': Field(int),
+    'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
     'optim.optimizer': Field(str, choices=('adam', 'adamw')),
     'optim.learning_rate': Field(float, bounds='(0, inf)'),
     'optim.warmup_steps': Field(int, bounds=_NON_NEGATIVE),

@@ -13,7 +13,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -68,7 +67,8 @@ def train_step(
       learning_rate_fn: the schedule, for logging the step's learning rate.
 
     Returns:
-      (new state, metrics): scalar `loss`, `mse`, `vb`, `grad_norm` (before clipping),
+      (new state, metrics): scalar `nonfinite` (1.0 when the loss or a gradient was not finite
+      and the update was skipped, else 0.0), `loss`, `mse`, `vb`, `grad_norm` (before clipping),
       `learning_rate`, and `loss_q0`..`loss_q3`, the loss of examples whose t falls in each
       quarter of [0, T) (NaN if a quarter got no example).
     """
@@ -92,7 +92,19 @@ def train_step(
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads)
     ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
+    new_state = new_state.replace(ema_params=ema)
+    # A non-finite loss or gradient leaves params, EMA and optimizer state as they were; the
+    # step still counts, so the rng stream and the data order stay those of a clean run.
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        new_state,
+        state.replace(step=state.step + 1),
+    )
     metrics = {
+        'nonfinite': 1.0 - finite.astype(jnp.float32),
         'loss': loss,
         'mse': jnp.mean(losses['mse']),
         'vb': jnp.mean(losses['vb']),
@@ -105,7 +117,7 @@ def train_step(
         count = jnp.sum(mask)
         total = jnp.sum(jnp.where(mask, losses['loss'], 0.0))
         metrics[f'loss_q{q}'] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
-    return new_state.replace(ema_params=ema), metrics
+    return new_state, metrics
 
 
 def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
@@ -166,6 +178,43 @@ class _Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class _NonFiniteSteps:
+    """Counts skipped (non-finite) steps and stops the run after too many in a row.
+
+    Each step's flag is read one step late, when the next step is already queued, so the check
+    does not stall the device pipeline.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
+        self.pending: tuple[int, jax.Array] | None = None
+
+    def check(self, step: int | None, flag: jax.Array | None) -> None:
+        """Reads the previous step's flag, then remembers this one's (None: flush)."""
+        previous, self.pending = self.pending, None if step is None else (step, flag)
+        if previous is None:
+            return
+        done, prev_flag = previous
+        if not float(jax.device_get(prev_flag)):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        logging.warning(
+            'step %d: non-finite loss or gradient; update skipped (%d in a row, %d in all)',
+            done,
+            self.in_a_row,
+            self.total,
+        )
+        if self.in_a_row >= self.max_in_a_row:
+            raise FloatingPointError(
+                f'{self.in_a_row} steps in a row (up to step {done}) had a non-finite loss or '
+                'gradient; stopping with the last checkpoint intact. Lower '
+                '--config.optim.learning_rate, check the data, or raise '
+                '--config.training.max_nonfinite_steps.'
+            )
 
 
 def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
@@ -251,18 +300,15 @@ def train_and_evaluate(
     last_saved = start_step
     try:
         with checkpointing.PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+            nonfinite = _NonFiniteSteps(config.training.max_nonfinite_steps)
             for step in range(start_step, num_steps):
                 batch = next(batches)
                 state, metrics = jit_train_step(state, batch, train_rng)
                 done = step + 1
+                nonfinite.check(done, metrics['nonfinite'])
                 scalars = None
                 if done % config.training.log_every_steps == 0 or done == num_steps:
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not np.isfinite(scalars['loss']):
-                        raise FloatingPointError(
-                            f'loss is {scalars["loss"]} at step {done}; the last checkpoint '
-                            'is kept. Lower --config.optim.learning_rate or check the data.'
-                        )
                     scalars.update(progress.update(done, scalars))
                     writer.write_scalars(done, scalars)
                 else:
@@ -276,6 +322,7 @@ def train_and_evaluate(
                 if guard.should_stop(done):
                     logging.warning('preemption requested: saving step %d and stopping', done)
                     break
+            nonfinite.check(None, None)  # the last step's flag
             final = int(state.step)
             if final != last_saved:
                 ckpt.save(final, state, meta=meta, force=True)

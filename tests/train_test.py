@@ -1,5 +1,6 @@
 """The training system end to end on tiny models: learning, exact resume, SIGTERM, 8 devices."""
 
+import functools
 import os
 import pathlib
 import signal
@@ -8,6 +9,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +151,71 @@ class TrainStepTest(parameterized.TestCase):
             np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p_new, rtol=1e-6, atol=1e-7)
         for key in ('loss', 'mse', 'vb', 'grad_norm', 'loss_q0', 'loss_q3'):
             self.assertIn(key, m2)
+
+    def test_a_non_finite_step_changes_nothing_but_the_step(self):
+        config = tiny_config()
+        config.optim.warmup_steps = 0
+        model = models.get_model(config)
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        step = jax.jit(
+            functools.partial(
+                train.train_step,
+                diffusion=train.create_diffusion(config),
+                ema_decay=0.9,
+                learning_rate_fn=lr_fn,
+            )
+        )
+        clean = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+        poisoned = clean.copy()
+        poisoned[2, 3, 4, 0] = np.nan
+        s1, m1 = step(state, {'image': jnp.asarray(poisoned)}, jax.random.PRNGKey(1))
+        self.assertEqual(float(m1['nonfinite']), 1.0)
+        self.assertEqual(int(s1.step), 1)
+        self.assertTrue(_leaves_equal(s1.params, state.params))
+        self.assertTrue(_leaves_equal(s1.ema_params, state.ema_params))
+        self.assertTrue(_leaves_equal(s1.opt_state, state.opt_state))
+        s2, m2 = step(s1, {'image': jnp.asarray(clean)}, jax.random.PRNGKey(1))
+        self.assertEqual(float(m2['nonfinite']), 0.0)
+        self.assertFalse(_leaves_equal(s2.params, s1.params))
+
+    def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_the_checkpoint_intact(self):
+        from diffusion_jax import input_pipeline
+
+        clean_iterator = input_pipeline.train_iterator
+
+        def poisoned_after_5(data_config, **kwargs):
+            for i, batch in enumerate(clean_iterator(data_config, **kwargs), kwargs['start_step']):
+                if i >= 5:
+                    batch = {'image': np.full_like(batch['image'], np.nan)}
+                yield batch
+
+        config = tiny_config(num_train_steps=30, checkpoint_every_steps=4, max_nonfinite_steps=3)
+        with tempfile.TemporaryDirectory() as workdir:
+            with (
+                mock.patch.object(input_pipeline, 'train_iterator', poisoned_after_5),
+                self.assertLogs(level='WARNING') as logs,
+                self.assertRaisesRegex(FloatingPointError, r'3 steps in a row \(up to step 8\)'),
+            ):
+                train.train_and_evaluate(config, workdir)
+            skipped = [line for line in logs.output if 'update skipped' in line]
+            self.assertLen(skipped, 3)
+            self.assertIn('step 6: non-finite', skipped[0])
+            steps = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+            # Step 8 is saved before step 8's own flag is read; it holds step 5's parameters.
+            self.assertEqual(steps, ['4', '8'])
+            ckpt = checkpointing.Checkpointer(
+                os.path.join(workdir, 'checkpoints'), keep=3, save_every_steps=4
+            )
+            target = train_state_lib.create_train_state(
+                models.get_model(config),
+                train_state_lib.create_optimizer(config.optim)[0],
+                jax.random.PRNGKey(0),
+                (8, 8, 1),
+            )
+            restored, _ = ckpt.restore(target)
+            ckpt.close()
+            self.assertTrue(all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored)))
 
     def test_loss_by_quarter_matches_the_per_example_losses(self):
         config = tiny_config()
