@@ -104,6 +104,7 @@ def _accumulate(feature_fn, chunks, batch_size: int, stats: fid.RunningStats) ->
         pool, logit = feature_fn(chunk)
         stats.update(np.asarray(pool, np.float64)[:n])
         logits.append(np.asarray(logit, np.float64)[:n])
+        logging.info('Inception features of %d images', stats.count)
     return np.concatenate(logits)
 
 
