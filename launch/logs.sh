@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# Follows the log of worker 0 (the one that logs and writes samples and metrics).
+# Follows the log of a job started by run.sh on one worker (worker 0, the one that logs).
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "$0")/common.sh"
 
 usage() {
   cat <<'USAGE'
-Usage: launch/logs.sh --name=NAME [--worker=0] [--zone=ZONE] [--project=PROJECT] [--dry-run]
+Usage: launch/logs.sh --name=NAME --zone=ZONE [--worker=N] [--project=PROJECT] [--dry-run]
 
-Follows ~/$LOG_FILE on one worker (default 0; Ctrl-C stops following, not the job).
+Prints the last 100 lines of ~/$LOG_FILE (default ~/ddpm.log) on worker N (default 0: only
+worker 0 logs training progress) and follows it (`tail -F`). Ctrl-C stops following, not the job.
+--dry-run prints the gcloud command instead of running it. Flags override the environment
+variables TPU_NAME, ZONE and PROJECT.
 USAGE
 }
 
 WORKER=0
 while (($#)); do
-  case "$1" in
-    --worker=*) WORKER=${1#*=} ;;
-    *) parse_common "$1" || die "unknown flag $1 (see --help)" ;;
+  SHIFT=1
+  case $1 in
+    --worker | --worker=*)
+      flag_value "$@"
+      WORKER=$VALUE
+      ;;
+    *) parse_common "$@" ;;
   esac
-  shift
+  shift "$SHIFT"
 done
-require_name
+require_tpu
+check_remote_names
+[[ $WORKER =~ ^[0-9]+$ ]] || die "--worker takes one worker's index, not '$WORKER'"
 tpu_ssh "$WORKER" "tail -n 100 -F ~/$LOG_FILE"
