@@ -1,5 +1,6 @@
 """The FID Inception network with random weights: size, shapes, resize, sharding, weight files."""
 
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -84,7 +85,9 @@ class InceptionTest(parameterized.TestCase):
         pool, logits = inception.make_feature_fn(self.params)(images)
         self.assertEqual(pool.shape, (2, inception.NUM_FEATURES))
         self.assertEqual(logits.shape, (2, inception.NUM_LOGITS))
+        self.assertEqual((pool.dtype, logits.dtype), (np.float32, np.float32))
         self.assertTrue(np.all(np.asarray(pool) >= 0))  # the mean of ReLU outputs
+        self.assertTrue(np.all(np.isfinite(np.asarray(logits))))
 
     @parameterized.parameters(((5, 7), (11, 13)), ((12, 10), (5, 4)), ((4, 4), (299, 299)))
     def test_resize_is_torchs_bilinear_with_half_pixel_centres(self, size_in, size_out):
@@ -93,44 +96,95 @@ class InceptionTest(parameterized.TestCase):
         expected = _bilinear_reference(x, *size_out)
         np.testing.assert_allclose(np.asarray(got)[0, :, :, 0], expected, atol=1e-5)
 
+    def test_preprocess_resizes_to_299_and_scales_x_over_255_to_minus_one_one(self):
+        images = np.random.default_rng(2).integers(0, 256, (1, 6, 5, 3), dtype=np.uint8)
+        images[0, 0, 0] = (0, 255, 51)
+        got = np.asarray(inception.preprocess(images))
+        self.assertEqual(got.shape, (1, 299, 299, 3))
+        # The top-left output pixel samples the input's corner (clamped).
+        np.testing.assert_allclose(got[0, 0, 0], [-1.0, 1.0, -0.6], atol=1e-6)
+        expected = 2.0 * _bilinear_reference(images[0, :, :, 1] / 255.0, 299, 299) - 1.0
+        np.testing.assert_allclose(got[0, :, :, 1], expected, atol=1e-5)
+
     def test_wrong_inputs_are_refused(self):
         with self.assertRaisesRegex(ValueError, 'expected uint8'):
             inception.make_feature_fn(self.params)(np.zeros((1, 8, 8, 3), np.float32))
 
+    def test_random_params_differ_within_each_batchnorm(self):
+        # Otherwise a converter that swapped weight/running_var or bias/running_mean would
+        # round-trip unnoticed.
+        bn = self.params['Mixed_5b']['branch1x1']['bn']
+        values = [np.asarray(bn[k]) for k in ('scale', 'bias', 'mean', 'var')]
+        for i in range(4):
+            for j in range(i):
+                self.assertFalse(np.array_equal(values[i], values[j]))
+
     def test_weights_round_trip_through_the_converter(self):
         state = _torch_style_state_dict(self.params)
         self.assertIn('Mixed_7c.branch_pool.conv.weight', state)
+        self.assertEqual(state['Conv2d_1a_3x3.conv.weight'].shape, (32, 3, 3, 3))
+        self.assertEqual(state['Mixed_6b.branch7x7_2.conv.weight'].shape, (128, 128, 1, 7))
+        self.assertEqual(state['fc.weight'].shape, (1008, 2048))
         flat = convert_inception.convert_state_dict(state)
         expected = traverse_util.flatten_dict(self.params, sep='/')
         self.assertEqual(set(flat), set(expected))
         for key, value in expected.items():
+            self.assertEqual(flat[key].dtype, np.float32, key)
             np.testing.assert_array_equal(flat[key], value, err_msg=key)
+
+    def test_the_converter_command_writes_a_file_that_load_params_reads(self):
+        state = _torch_style_state_dict(self.params)
+        expected = traverse_util.flatten_dict(self.params, sep='/')
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, 'w.npz')
-            np.savez(path, _source_sha256=np.str_('deadbeef'), **flat)
+            src, dst = os.path.join(tmp, 'state.npz'), os.path.join(tmp, 'out', 'w.npz')
+            np.savez(src, **state)
+            self.assertEqual(convert_inception.main(['convert_inception', src, dst]), 0)
+            self.assertEqual(os.listdir(os.path.dirname(dst)), ['w.npz'])  # no temporary left
+            with open(src, 'rb') as g:
+                source_sha256 = hashlib.sha256(g.read()).hexdigest()
+            with np.load(dst) as f:
+                self.assertEqual(str(f['_source_sha256']), source_sha256)
+                self.assertEqual(int(f['_format']), inception.FORMAT_VERSION)
             with self.assertLogs(level='WARNING') as logs:
-                loaded = inception.load_params(path)
+                loaded = inception.load_params(dst)
             self.assertIn('will not be comparable', logs.output[0])
             for key, value in traverse_util.flatten_dict(loaded, sep='/').items():
-                np.testing.assert_array_equal(value, expected[key])
+                np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
-    def test_unknown_or_misshapen_tensors_are_refused(self):
+    def test_unknown_missing_or_misshapen_tensors_are_refused(self):
         state = _torch_style_state_dict(self.params)
-        with self.assertRaisesRegex(convert_inception.ConversionError, 'AuxLogits.fc.weight'):
+        error = convert_inception.ConversionError
+        with self.assertRaisesRegex(error, 'AuxLogits.fc.weight'):
             convert_inception.convert_state_dict({**state, 'AuxLogits.fc.weight': np.zeros(3)})
+        with self.assertRaisesRegex(error, 'Mixed_6a.branch3x3.conv.weight'):
+            bad = {**state, 'Mixed_6a.branch3x3.conv.weight': np.zeros((384, 288))}
+            convert_inception.convert_state_dict(bad)
+        missing = dict(state)
+        del missing['Mixed_7b.branch3x3_2a.bn.running_var']
+        with self.assertRaisesRegex(error, r'Mixed_7b/branch3x3_2a/bn/var .*missing'):
+            convert_inception.convert_state_dict(missing)
         state['fc.bias'] = np.zeros(1000, np.float32)
-        with self.assertRaisesRegex(convert_inception.ConversionError, r'fc/bias: shape \(1000,\)'):
+        with self.assertRaisesRegex(error, r'fc/bias: shape \(1000,\)'):
             convert_inception.convert_state_dict(state)
 
     def test_load_params_names_the_fix_or_the_bad_key(self):
         with self.assertRaisesRegex(inception.InceptionWeightsError, 'convert_inception'):
             inception.load_params('/nonexistent/inception.npz')
         flat = dict(traverse_util.flatten_dict(self.params, sep='/'))
-        flat['Mixed_5b/branch1x1/conv/kernel'] = np.zeros((1, 1, 192, 63), np.float32)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, 'w.npz')
+            np.savez(path, _format=np.int32(inception.FORMAT_VERSION + 1), **flat)
+            with self.assertRaisesRegex(inception.InceptionWeightsError, 'format version'):
+                inception.load_params(path)
+            flat['Mixed_5b/branch1x1/conv/kernel'] = np.zeros((1, 1, 192, 63), np.float32)
             np.savez(path, **flat)
-            with self.assertRaisesRegex(inception.InceptionWeightsError, 'Mixed_5b/branch1x1'):
+            with self.assertRaisesRegex(
+                inception.InceptionWeightsError, 'Mixed_5b/branch1x1/conv/kernel has shape'
+            ):
+                inception.load_params(path)
+            with open(path, 'wb') as f:
+                f.write(b'PK\x03\x04 truncated')
+            with self.assertRaisesRegex(inception.InceptionWeightsError, 'cannot read'):
                 inception.load_params(path)
 
     def test_the_converter_command_fails_in_one_line_on_a_missing_file(self):
@@ -143,22 +197,28 @@ class InceptionTest(parameterized.TestCase):
         )
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
-        self.assertIn('error: ', proc.stderr)
+        self.assertTrue(proc.stderr.startswith('error: '), proc.stderr)
+        self.assertIn('/no/x.pth', proc.stderr)
 
 
 _SHARDED = textwrap.dedent("""
-    import sys
     import jax, numpy as np
     from diffusion_jax import parallel
     from diffusion_jax.evaluation import inception
     assert jax.device_count() == 2
     params = inception.random_params(jax.random.PRNGKey(0))
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
-    sharded = inception.make_feature_fn(params, mesh=parallel.create_mesh())(images)
+    sharded_fn = inception.make_feature_fn(params, mesh=parallel.create_mesh())
+    sharded = sharded_fn(images)
     single = inception.make_feature_fn(params)(images)
     assert len(sharded[0].sharding.device_set) == 2
     for a, b in zip(sharded, single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    try:
+        sharded_fn(images[:3])
+        raise AssertionError('a batch of 3 over 2 devices was accepted')
+    except parallel.BatchSizeError as e:
+        assert 'multiple of 2' in str(e), e
     print('ok')
 """)
 

@@ -7,10 +7,19 @@ pytorch-fid reproduces and we follow: the average pools of the A, C and first E 
 the padding (`count_include_pad=False`), the last E block max-pools its pool branch, BatchNorm
 uses eps 1e-3, and the classifier has 1008 outputs.
 
-Preprocessing (pytorch-fid's): uint8 images -> [0, 1] -> bilinear resize to 299x299 with
-half-pixel centres and no antialiasing (torch's `interpolate(mode='bilinear',
-align_corners=False)`) -> 2x - 1. Weights are never downloaded: `load_params` reads the `.npz`
-that `convert_inception` writes from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`.
+Preprocessing (pytorch-fid's): uint8 images -> x / 255 in [0, 1] -> bilinear resize to 299x299
+with half-pixel centres, edge samples clamped and no antialiasing, also when shrinking (torch's
+`interpolate(mode='bilinear', align_corners=False)`; here `jax.image.resize(..., 'bilinear',
+antialias=False)`) -> 2x - 1 in [-1, 1]. TTUR's TensorFlow graph resizes inside the graph with
+TF1's `ResizeBilinear`, which has no half-pixel centres, so pytorch-fid's numbers (and ours)
+differ slightly from TTUR's for images that are not 299x299. Weights are never downloaded:
+`load_params` reads the `.npz` that `convert_inception` writes from pytorch-fid's
+`pt_inception-2015-12-05-6726825d.pth`.
+
+Convolutions and the classifier run at `Precision.HIGHEST`: GPUs would otherwise use TF32 for
+float32 and the features would depend on the device. Checked against pytorch-fid 0.3.0's own
+modules (torch 2.13 CPU, random weights and BatchNorm statistics, 8x8, 32x32 and 341x317
+inputs): features and logits agree to 1e-6 relative.
 
 Parameter names mirror torchvision's (`Mixed_5b/branch1x1/conv/kernel`), so the converter only
 renames separators and transposes.
@@ -18,6 +27,8 @@ renames separators and transposes.
 
 import functools
 import os
+import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+from jax.sharding import Mesh
 
 from diffusion_jax import parallel
 
@@ -36,6 +48,7 @@ BN_EPSILON = 1e-3
 FORMAT_VERSION = 1  # of the converted .npz
 # pytorch-fid's file name carries the first hex digits of its SHA-256 (torch.hub's convention).
 OFFICIAL_SHA256_PREFIX = '6726825d'
+_PRECISION = jax.lax.Precision.HIGHEST  # no TF32: the same features on every device
 
 
 class InceptionWeightsError(ValueError):
@@ -66,6 +79,7 @@ class BasicConv(nn.Module):
             strides=self.strides,
             padding=((ph, ph), (pw, pw)),
             use_bias=False,
+            precision=_PRECISION,
             name='conv',
         )(x)
         bn = _BatchNorm(name='bn')
@@ -203,25 +217,38 @@ class InceptionV3(nn.Module):
         x = InceptionE(False, name='Mixed_7b')(x)
         x = InceptionE(True, name='Mixed_7c')(x)
         pool = jnp.mean(x, axis=(1, 2))
-        return pool, nn.Dense(NUM_LOGITS, name='fc')(pool)
+        return pool, nn.Dense(NUM_LOGITS, precision=_PRECISION, name='fc')(pool)
 
 
 def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
-    """[B, H, W, C] -> [B, height, width, C], bilinear, half-pixel centres, no antialiasing."""
+    """torch's `interpolate(mode='bilinear', align_corners=False)`, in NHWC.
+
+    Output pixel i samples the input at (i + 0.5) * in / out - 0.5, clamped to the edge pixels,
+    with no antialiasing filter when shrinking.
+
+    Args:
+      x: [B, H, W, C] float.
+      height: output height.
+      width: output width.
+
+    Returns:
+      [B, height, width, C], same dtype.
+    """
     shape = (x.shape[0], height, width, x.shape[-1])
     return jax.image.resize(x, shape, 'bilinear', antialias=False)
 
 
 def preprocess(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 1] (pytorch-fid's order)."""
+    """pytorch-fid's input: (resize_299(x / 255)) * 2 - 1.
+
+    Args:
+      images_uint8: [B, H, W, 3] uint8, any H and W.
+
+    Returns:
+      [B, 299, 299, 3] float32 in [-1, 1].
+    """
     x = images_uint8.astype(jnp.float32) / 255.0
     return 2.0 * resize_bilinear(x, INPUT_SIZE, INPUT_SIZE) - 1.0
-
-
-def random_params(rng: jax.Array) -> dict[str, Any]:
-    """Randomly initialised parameters (tests and shape checks)."""
-    x = jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-    return jax.jit(InceptionV3().init)(rng, x)['params']
 
 
 @functools.cache
@@ -233,28 +260,72 @@ def param_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
+def random_params(rng: jax.Array) -> dict[str, Any]:
+    """Random parameters of the network's shapes (tests and shape checks), not a trained net.
+
+    Kernels are He-normal, so activations keep their scale through the ReLUs; BatchNorm scales
+    and variances are uniform in [0.5, 1.5], shifts and means 0.1 * N(0, 1). Drawn without
+    running the network, which takes half a minute to initialise on a CPU.
+
+    Args:
+      rng: a PRNG key.
+
+    Returns:
+      The nested parameter dict that `make_feature_fn` takes.
+    """
+    # NumPy seeded from the key: one jitted draw of ~470 shapes compiles for over a minute.
+    gen = np.random.default_rng(np.asarray(jax.random.randint(rng, (4,), 0, 2**31 - 1)))
+    flat = {}
+    for key, shape in sorted(param_shapes().items()):
+        leaf = key.rsplit('/', 1)[1]
+        if leaf == 'kernel':  # conv [kh, kw, in, out] or fc [in, out]
+            std = np.sqrt(2.0 / np.prod(shape[:-1]))
+            value = gen.standard_normal(shape, np.float32) * std
+        elif leaf in ('scale', 'var'):
+            value = gen.uniform(0.5, 1.5, shape)
+        else:  # BatchNorm 'bias' and 'mean', fc 'bias'
+            value = 0.1 * gen.standard_normal(shape, np.float32)
+        flat[key] = jnp.asarray(value, jnp.float32)
+    return traverse_util.unflatten_dict(flat, sep='/')
+
+
 def load_params(path: str) -> dict[str, Any]:
-    """Reads converted weights (`convert_inception`'s .npz).
+    """Reads converted weights (`convert_inception`'s .npz) and checks them against the network.
+
+    Args:
+      path: the .npz file (`config.eval.inception_weights`).
+
+    Returns:
+      The nested parameter dict that `make_feature_fn` takes, float32 arrays.
 
     Raises:
-      InceptionWeightsError: the file is missing, unreadable, or does not fit the network.
+      InceptionWeightsError: the file is missing or unreadable, has another format version, or
+        a parameter is missing, extra or misshapen (the message names the first such key).
     """
-    if not path or not os.path.exists(path):
+    if not path or not os.path.isfile(path):
         raise InceptionWeightsError(f'no Inception weights file at {path!r}: {HOWTO}')
     try:
         with np.load(path) as f:
             flat = {k: f[k] for k in f.files if not k.startswith('_')}
-            source = str(f['_source_sha256']) if '_source_sha256' in f.files else 'unknown'
-    except (OSError, ValueError) as e:
-        raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}') from e
+            meta = {k: f[k].item() for k in ('_format', '_source_sha256') if k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}; {HOWTO}') from e
+    version = meta.get('_format', FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise InceptionWeightsError(
+            f'{path} has format version {version}, this code reads {FORMAT_VERSION}: convert '
+            'the .pth again with `python -m diffusion_jax.evaluation.convert_inception SRC DST`'
+        )
     expected = param_shapes()
     for key in sorted(set(expected) | set(flat)):
         got = flat[key].shape if key in flat else None
-        if got != expected.get(key):
+        if got != expected.get(key) or not np.issubdtype(flat[key].dtype, np.floating):
+            what = f'shape {got}' if got != expected.get(key) else f'dtype {flat[key].dtype}'
             raise InceptionWeightsError(
-                f'{path} does not fit the FID Inception network: {key} has shape {got}, '
-                f'expected {expected.get(key)}; {HOWTO}'
+                f'{path} does not fit the FID Inception network: {key} has {what}, expected '
+                f'float shape {expected.get(key)}; {HOWTO}'
             )
+    source = str(meta.get('_source_sha256', 'unknown'))
     if not source.startswith(OFFICIAL_SHA256_PREFIX):
         logging.warning(
             '%s was not converted from the official pt_inception-2015-12-05-%s.pth (source '
@@ -268,10 +339,23 @@ def load_params(path: str) -> dict[str, Any]:
     )
 
 
-def make_feature_fn(params: dict[str, Any], *, mesh=None):
-    """Jitted `fn(images_uint8 [B, H, W, 3]) -> (pool [B, 2048], logits [B, 1008])`, float32.
+def make_feature_fn(
+    params: dict[str, Any], *, mesh: Mesh | None = None
+) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
+    """Returns the jitted `fn(images_uint8) -> (pool, logits)` of the FID network.
 
-    With a mesh the parameters are replicated and the batch sharded (B divides over it).
+    `fn` takes uint8 [B, H, W, 3] (any H and W; tile grayscale to 3 channels first), applies
+    `preprocess` and returns pool [B, 2048] float32 (FID's features, >= 0) and logits
+    [B, 1008] float32 (IS's classifier). It compiles once per input shape.
+
+    Args:
+      params: from `load_params` or `random_params`.
+      mesh: with a mesh, the parameters are replicated on its devices and each batch is split
+        along B over them (B must be a multiple of `mesh.size`); without one, jit's default
+        device runs it.
+
+    Returns:
+      The feature function.
     """
     model = InceptionV3()
 
@@ -287,10 +371,15 @@ def make_feature_fn(params: dict[str, Any], *, mesh=None):
             features, in_shardings=(parallel.replicated(mesh), batched), out_shardings=batched
         )
 
-    def feature_fn(images_uint8):
+    def feature_fn(images_uint8: np.ndarray) -> tuple[jax.Array, jax.Array]:
         images = np.asarray(images_uint8)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f'expected uint8 [B, H, W, 3], got {images.dtype} {images.shape}')
+        if mesh is not None and images.shape[0] % mesh.size:
+            raise parallel.BatchSizeError(
+                f'a batch of {images.shape[0]} images does not split over the {mesh.size} '
+                f'devices of the mesh; pad it to a multiple of {mesh.size}'
+            )
         return jitted(params, images)
 
     return feature_fn
