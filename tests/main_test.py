@@ -56,9 +56,10 @@ class MainTest(parameterized.TestCase):
     def test_workdir_is_required(self):
         self.assert_user_error(run_main('--config=configs/digits.py'), '--workdir is required')
 
-    def test_modes_that_do_not_exist_yet_say_so(self):
+    def test_eval_on_a_workdir_without_checkpoints_says_to_train_first(self):
         proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=eval')
-        self.assert_user_error(proc, 'not available yet')
+        self.assert_user_error(proc, 'no checkpoint in', 'train first')
+        self.assertEqual(os.listdir(self.workdir), [])  # nothing created
 
     @parameterized.parameters(
         (['--coordinator_address=localhost:1234'], 'go together: give all three'),
