@@ -23,13 +23,8 @@ import numpy as np
 from absl import logging
 
 from diffusion_jax import generate, image_io, input_pipeline, models, parallel, train
-from diffusion_jax.evaluation import bpd, fid
+from diffusion_jax.evaluation import bpd, fid, inception
 
-INCEPTION_HOWTO = (
-    "get pytorch-fid's pt_inception-2015-12-05-6726825d.pth (its GitHub releases) on a machine "
-    'with internet, convert it with `python -m diffusion_jax.evaluation.convert_inception SRC '
-    'DST.npz` and pass --config.eval.inception_weights=DST.npz'
-)
 IS_SPLITS = 10  # as in the paper's table 1
 
 
@@ -83,10 +78,6 @@ def _digits(samples: np.ndarray) -> dict[str, Any]:
         'real_heldout_digits_is': real['digits_is'],
         'real_heldout_digits_fd': real['digits_fd'],
     }
-
-
-def _local_mesh():
-    return parallel.create_mesh(jax.local_devices())
 
 
 def _accumulate(feature_fn, chunks, batch_size: int, stats: fid.RunningStats) -> np.ndarray:
@@ -148,10 +139,8 @@ def _fid_is(config, samples: np.ndarray) -> dict[str, Any]:
     """FID and IS of uint8 samples [N, H, W, C], or why they were skipped (lead process only)."""
     path = config.eval.inception_weights
     if not path:
-        logging.warning('FID/IS skipped: no Inception weights; to get them, %s', INCEPTION_HOWTO)
+        logging.warning('FID/IS skipped: no Inception weights; to get them, %s', inception.HOWTO)
         return {'fid': 'skipped', 'inception_score': 'skipped'}
-    from diffusion_jax.evaluation import inception
-
     try:
         params = inception.load_params(path)
     except inception.InceptionWeightsError as e:
