@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every_steps = 20_000  # 0 disables sample grids during training
     training.seed = 0
     training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
+    training.allow_config_change = False  # resume although model/diffusion/image shape changed
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = 'adam'  # adam | adamw

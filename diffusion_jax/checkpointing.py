@@ -6,9 +6,11 @@ written with `ocp.args.JsonSave`. Steps are labelled by the number of COMPLETED 
 a run restored from step `s` continues with `for step in range(s, num_train_steps)`.
 
 Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when
-complete; a complete step directory always holds `_CHECKPOINT_METADATA`. Anything else (a bare
-numeric directory left by a partial copy, a leftover tmp directory) is skipped with a warning and
-left on disk, and a step whose files fail to restore falls back to the previous complete step.
+complete; a complete step directory always holds `_CHECKPOINT_METADATA`. A tmp directory left by
+a killed save is reported and then removed by orbax when the next Checkpointer opens the
+directory. Anything else (a bare numeric directory left by a partial copy) is skipped with a
+warning and left on disk, and a step whose files fail to restore falls back to the previous
+complete step (training moves the failed step aside to `<step>.corrupt`).
 """
 
 import dataclasses
@@ -66,6 +68,19 @@ class _CompleteStepsNameFormat(ocp.path.step.NameFormat):
         return metadata
 
 
+def _report_interrupted_saves(directory: epath.Path) -> None:
+    """Warns about each tmp directory of an unfinished save, which orbax removes on start-up."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in sorted(directory.iterdir(), key=lambda p: p.name):
+        if _TMP_RE.match(path.name):
+            logging.warning(
+                'Removing %s: an interrupted save left it incomplete (that step is lost; the '
+                'complete steps are kept).',
+                path,
+            )
+
+
 class Checkpointer:
     """Saves and restores (state, meta) pairs under one directory with an orbax CheckpointManager.
 
@@ -95,6 +110,7 @@ class Checkpointer:
             raise ValueError(
                 f'keep={keep} and save_every_steps={save_every_steps} must both be >= 1'
             )
+        _report_interrupted_saves(epath.Path(directory))
         self._name_format = _CompleteStepsNameFormat(ocp.path.step.standard_name_format())
         self._manager = ocp.CheckpointManager(
             directory,
@@ -157,7 +173,9 @@ class Checkpointer:
         complete = self._complete_steps()
         return complete[-1] if complete else None
 
-    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(
+        self, target_state: Any, step: int | None = None, *, set_aside_failed: bool = False
+    ) -> tuple[Any, dict[str, Any]]:
         """Restores a checkpoint into the structure, dtypes and shardings of `target_state`.
 
         Without `step`, tries the complete steps newest first and falls back to the previous one
@@ -168,6 +186,9 @@ class Checkpointer:
                 only its structure, shapes, dtypes and shardings are used. jax.Array leaves come
                 back as jax.Array with the same sharding, numpy leaves as numpy.
             step: restore exactly this step (no fallback).
+            set_aside_failed: once an older step restored, rename each newer step that failed to
+                `<step>.corrupt` (with a warning; never deleted), so the resumed run can save
+                those step numbers again. Training sets it; read-only users leave it off.
 
         Returns:
             (state, meta) of the restored step.
@@ -189,7 +210,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
-        failures = []
+        failures, failed_steps = [], []
         for candidate in candidates:
             try:
                 restored = self._manager.restore(candidate, args=args)
@@ -202,8 +223,11 @@ class Checkpointer:
                     message,
                 )
                 failures.append(f'step {candidate}: {message}')
+                failed_steps.append(candidate)
                 continue
             logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
+            if set_aside_failed and failures:
+                self._set_aside(failed_steps)
             return restored['state'], restored['meta']
         raise CheckpointError(
             f'no checkpoint in {self.directory} could be restored; tried ' + '; '.join(failures)
@@ -248,6 +272,25 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames the step directories of `steps` to `<name>.corrupt[-k]` (lead process)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / self._name_format.build_name(step)
+                target, k = path.parent / f'{path.name}.corrupt', 1
+                while target.exists():
+                    k += 1
+                    target = path.parent / f'{path.name}.corrupt-{k}'
+                path.rename(target)
+                logging.warning(
+                    'Checkpoint step %d failed to restore; moved it to %s (not deleted: inspect '
+                    'it, then remove it by hand).',
+                    step,
+                    target,
+                )
+        multihost_utils.sync_global_devices('Checkpointer: set aside failed steps')
+        self._manager.reload()
 
     def _complete_steps(self) -> list[int]:
         """Complete steps, ascending; warns about (and keeps) every incomplete step directory."""

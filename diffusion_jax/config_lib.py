@@ -87,6 +87,7 @@ SCHEMA: dict[str, Field] = {
     'training.sample_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
     'training.seed': Field(int),
     'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
+    'training.allow_config_change': Field(bool),
     'optim.optimizer': Field(str, choices=('adam', 'adamw')),
     'optim.learning_rate': Field(float, bounds='(0, inf)'),
     'optim.warmup_steps': Field(int, bounds=_NON_NEGATIVE),
@@ -405,6 +406,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.extend(check(values))
     if problems:
         raise ConfigError('\n'.join(problems))
+
+
+# What a checkpoint's parameters and their meaning depend on: resuming with other values is
+# refused unless config.training.allow_config_change.
+RESUME_KEYS = (
+    *(key for key in SCHEMA if key.startswith(('model.', 'diffusion.'))),
+    'data.image_size',
+    'data.num_channels',
+)
+
+
+def _comparable(value: Any) -> Any:
+    """JSON turns tuples into lists; compare both as lists."""
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def resume_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """The `RESUME_KEYS` whose value in `config` differs from the checkpoint's saved config.
+
+    Args:
+        saved: the config dict stored with a checkpoint (its meta['config']).
+        config: the config of the run about to resume.
+
+    Returns:
+        One 'config.<key>: checkpoint <old>, now <new>' line per differing key (a key missing
+        from `saved` counts as differing), in schema order; empty when the run may resume.
+    """
+    changes = []
+    for key in RESUME_KEYS:
+        section, name = key.split('.')
+        old = saved.get(section, {}).get(name, _MISSING)
+        new = config[section][name]
+        if old is _MISSING or _comparable(old) != _comparable(new):
+            shown = 'absent' if old is _MISSING else repr(_comparable(old))
+            changes.append(f'config.{key}: checkpoint {shown}, now {_comparable(new)!r}')
+    return changes
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

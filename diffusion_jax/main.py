@@ -114,6 +114,7 @@ def main(argv: list[str]) -> None:
     except (
         input_pipeline.DatasetError,
         checkpointing.CheckpointError,
+        config_lib.ConfigError,
         parallel.BatchSizeError,
         generate.SampleError,
         evaluate.EvalError,

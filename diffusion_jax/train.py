@@ -18,6 +18,7 @@ from absl import logging
 
 from diffusion_jax import (
     checkpointing,
+    config_lib,
     image_io,
     input_pipeline,
     models,
@@ -230,6 +231,22 @@ def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
     logging.info('step %d: wrote %s', step, path)
 
 
+def _check_resumable(meta: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume a checkpoint made with another network, diffusion or image shape."""
+    changes = config_lib.resume_changes(meta.get('config', {}), config)
+    if not changes:
+        return
+    if config.training.allow_config_change:
+        logging.warning('resuming despite config changes: %s', '; '.join(changes))
+        return
+    raise config_lib.ConfigError(
+        'the workdir holds checkpoints of another config: '
+        + '; '.join(changes)
+        + ' (use the saved values, another --workdir, or '
+        '--config.training.allow_config_change=True to resume anyway)'
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> train_state_lib.TrainState:
@@ -259,9 +276,14 @@ def train_and_evaluate(
         keep=config.training.keep_checkpoints,
         save_every_steps=config.training.checkpoint_every_steps,
     )
-    if ckpt.latest_valid_step() is not None:
-        state, _ = ckpt.restore(state)
-        logging.info('resumed from step %d', int(state.step))
+    try:
+        if ckpt.latest_valid_step() is not None:
+            _check_resumable(ckpt.restore_meta(), config)
+            state, _ = ckpt.restore(state, set_aside_failed=True)
+            logging.info('resumed from step %d', int(state.step))
+    except BaseException:
+        ckpt.close()
+        raise
     start_step = int(state.step)
     meta = {'config': config.to_dict()}
     if jax.process_index() == 0:

@@ -198,6 +198,18 @@ class CheckpointerTest(parameterized.TestCase):
             self.assertEqual(ckpt.latest_valid_step(), 1)
         self.assertIn(f'Skipping incomplete checkpoint directory {tmp} ', '\n'.join(logs.output))
 
+    def test_a_tmp_dir_of_an_interrupted_save_is_reported_before_orbax_removes_it(self):
+        self._save_steps([1])
+        tmp = os.path.join(self.directory, '2.orbax-checkpoint-tmp-1234')
+        os.makedirs(os.path.join(tmp, 'state'))
+        with self.assertLogs(level='WARNING') as logs:
+            ckpt = self._checkpointer()
+        self.assertIn(f'Removing {tmp}: an interrupted save', '\n'.join(logs.output))
+        self.assertEqual(ckpt.latest_valid_step(), 1)
+        self.assertTrue(ckpt.save(2, _state_dict(2), meta={'step': 2}))
+        ckpt.wait()
+        self.assertCountEqual(os.listdir(self.directory), ['1', '2'])
+
     def test_incomplete_dirs_do_not_block_saves_or_take_retention_slots(self):
         self._save_steps([1, 2])
         os.mkdir(os.path.join(self.directory, '9'))
@@ -229,6 +241,29 @@ class CheckpointerTest(parameterized.TestCase):
             any(f'Checkpoint step 2 in {self.directory} failed' in x for x in logs.output),
             logs.output,
         )
+
+    def test_set_aside_moves_the_failed_step_so_it_can_be_saved_again(self):
+        self._save_steps([1, 2])
+        self._corrupt_array_files(2)
+        step_dir = pathlib.Path(self.directory, '2')
+        corrupt_bytes = {
+            p.relative_to(step_dir): p.read_bytes() for p in step_dir.rglob('*') if p.is_file()
+        }
+        ckpt = self._checkpointer()
+        with self.assertLogs(level='WARNING') as logs:
+            _, meta = ckpt.restore(_state_dict(0), set_aside_failed=True)
+        self.assertEqual(meta, {'step': 1})
+        aside = pathlib.Path(self.directory, '2.corrupt')
+        self.assertTrue(any(f'moved it to {aside}' in x for x in logs.output), logs.output)
+        kept = {p.relative_to(aside): p.read_bytes() for p in aside.rglob('*') if p.is_file()}
+        self.assertEqual(kept, corrupt_bytes)  # moved whole, not deleted or rewritten
+        self.assertEqual(ckpt.latest_valid_step(), 1)
+        self.assertTrue(ckpt.save(2, _state_dict(2), meta={'step': 2}, force=True))
+        ckpt.wait()
+        state, meta = ckpt.restore(_state_dict(0))
+        self.assertEqual(meta, {'step': 2})
+        _assert_trees_identical(self, state, _state_dict(2))
+        ckpt.close()
 
     def test_all_steps_corrupt_raises_checkpoint_error_listing_them(self):
         self._save_steps([1, 2])
