@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     eval_config.num_bpd_images = config_dict.placeholder(int)  # None: the whole eval split
     eval_config.num_samples = 50_000  # samples for FID / IS (and the digits metrics); 0: none
     eval_config.inception_weights = config_dict.placeholder(str)  # converted .npz; None: skip FID
+    eval_config.inception_sha256 = '6726825d'  # source .pth SHA-256 (prefix); '': accept any
     eval_config.reference_stats = config_dict.placeholder(str)  # FID stats .npz; None: next to data
     eval_config.compute_reference = False  # compute the reference stats if they are missing
     eval_config.reference_split = 'train'  # FID against the train split, as in the paper

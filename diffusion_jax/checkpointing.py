@@ -68,6 +68,13 @@ class _CompleteStepsNameFormat(ocp.path.step.NameFormat):
         return metadata
 
 
+def _short(error: Exception, limit: int = 300) -> str:
+    """'Type: first line of the message', cut to `limit` characters (tensorstore's are huge)."""
+    lines = str(error).strip().splitlines()
+    text = f'{type(error).__name__}: {lines[0] if lines else ""}'
+    return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
 def _report_interrupted_saves(directory: epath.Path) -> None:
     """Warns about each tmp directory of an unfinished save, which orbax removes on start-up."""
     if jax.process_index() != 0 or not directory.is_dir():
@@ -215,7 +222,7 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(candidate, args=args)
             except Exception as e:  # orbax/tensorstore raise several types for damaged files
-                message = f'{type(e).__name__}: {e}'
+                message = _short(e)
                 logging.warning(
                     'Checkpoint step %d in %s failed to restore (%s); trying the previous step.',
                     candidate,
@@ -230,7 +237,10 @@ class Checkpointer:
                 self._set_aside(failed_steps)
             return restored['state'], restored['meta']
         raise CheckpointError(
-            f'no checkpoint in {self.directory} could be restored; tried ' + '; '.join(failures)
+            f'no checkpoint in {self.directory} could be restored; tried '
+            + '; '.join(failures)
+            + ' (damaged files, or a checkpoint of another model: restore them from a copy, or '
+            'move the folder away to start afresh; nothing was changed)'
         )
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -253,7 +263,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises several types for damaged files
             raise CheckpointError(
                 f'could not read the metadata of checkpoint step {step} in {self.directory}: '
-                f'{type(e).__name__}: {e}'
+                f'{_short(e)}'
             ) from e
         return restored['meta']
 

@@ -113,6 +113,7 @@ SCHEMA: dict[str, Field] = {
     'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
     'eval.num_samples': Field(int, bounds=_NON_NEGATIVE),
     'eval.inception_weights': Field(str, nullable=True),
+    'eval.inception_sha256': Field(str),
     'eval.reference_stats': Field(str, nullable=True),
     'eval.compute_reference': Field(bool),
     'eval.reference_split': Field(str, nonempty=True),

@@ -10,11 +10,10 @@
   strip of Ho et al. 2020, section 6.3.
 """
 
-import glob
+import io
 import json
 import os
 import re
-import shutil
 import sys
 from typing import Any
 
@@ -143,8 +142,8 @@ def _done_prefix(shard_dir: str) -> int:
     """How many images, counting from 0, the shard files in `shard_dir` cover without a gap."""
     ranges = sorted(
         (int(m[1]), int(m[2]))
-        for path in glob.glob(os.path.join(shard_dir, 'images_*.npz'))
-        if (m := _SHARD_RE.fullmatch(os.path.basename(path)))
+        for path in epath.Path(shard_dir).glob('images_*.npz')
+        if (m := _SHARD_RE.fullmatch(path.name))
     )
     done = 0
     for start, end in ranges:
@@ -156,10 +155,9 @@ def _done_prefix(shard_dir: str) -> int:
 
 def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
     """Creates `shard_dir` for `spec`, or checks a partial run's spec; returns images done."""
-    spec_path = os.path.join(shard_dir, 'spec.json')
-    if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            old = json.load(f)
+    spec_path = epath.Path(shard_dir) / 'spec.json'
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
         if old != spec:
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
             raise SampleError(
@@ -167,7 +165,7 @@ def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
                 'differ): rerun with the same settings to resume it, or delete the folder'
             )
         return _done_prefix(shard_dir)
-    image_io.save_json(spec_path, spec)
+    image_io.save_json(str(spec_path), spec)
     return 0
 
 
@@ -236,7 +234,7 @@ def generate_to_npz(
     images = _join_shards(shard_dir, num_samples) if lead else None
     if lead:
         image_io.save_npz(path, images=images)
-        shutil.rmtree(shard_dir)
+        epath.Path(shard_dir).rmtree()
     multihost_utils.sync_global_devices('generate_to_npz: written')
     return images
 
@@ -244,13 +242,13 @@ def generate_to_npz(
 def _join_shards(shard_dir: str, num_samples: int) -> np.ndarray:
     """The first `num_samples` images of the shards in `shard_dir`, in order."""
     parts, covered = [], 0
-    for shard in sorted(glob.glob(os.path.join(shard_dir, 'images_*.npz'))):
+    for shard in sorted(epath.Path(shard_dir).glob('images_*.npz'), key=lambda p: p.name):
         # Shards of an earlier run with another batch size may overlap.
-        start, end = (int(g) for g in _SHARD_RE.fullmatch(os.path.basename(shard)).groups())
+        start, end = (int(g) for g in _SHARD_RE.fullmatch(shard.name).groups())
         if start > covered:
             raise SampleError(f'{shard_dir} misses images {covered} to {start}; delete it')
         if end > covered:
-            with np.load(shard) as f:
+            with np.load(io.BytesIO(shard.read_bytes())) as f:
                 parts.append(f['images'][covered - start :])
             covered = end
     images = np.concatenate(parts)[:num_samples] if parts else np.zeros((0,), np.uint8)

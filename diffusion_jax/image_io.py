@@ -1,7 +1,8 @@
 """Files people open: uint8 conversion, sample grids, PNG / npz / JSON, written atomically.
 
 Every writer goes through a temporary file in the target folder and `os.replace`, so a process
-killed mid-write leaves either the old file or the new one, never half of one.
+killed mid-write leaves either the old file or the new one, never half of one. gs:// (any URL)
+paths go through `etils.epath` as one object upload, which is atomic on cloud object stores.
 """
 
 import io
@@ -12,6 +13,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -43,8 +45,22 @@ def make_grid(
     return grid
 
 
+def is_url(path: str) -> bool:
+    """Whether `path` names a remote file system location such as gs://bucket/dir."""
+    return '://' in str(path)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    A URL (gs://...) is written in one object upload through `etils.epath`: cloud object stores
+    publish an object only once its upload is complete, so readers see the old or the new one.
+    """
+    if is_url(path):
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')

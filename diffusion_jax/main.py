@@ -46,6 +46,26 @@ class _QuietLibraries(std_logging.Filter):
         return not any(part in record.pathname for part in _CHATTY)
 
 
+def _drop_closed_loop_noise(unraisable) -> None:
+    """Hides orbax's leftover async reads after a failed restore; other reports pass through.
+
+    When a damaged checkpoint fails to restore, tensorstore finishes the reads still in flight
+    after orbax closed their asyncio loop, and each reports an unraisable
+    `RuntimeError('Event loop is closed')`: hundreds of tracebacks after the one useful line.
+    """
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+class _NoOrphanedFutures(std_logging.Filter):
+    """Drops asyncio's 'Future/Task exception was never retrieved' (same cause as above)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return 'exception was never retrieved' not in str(record.msg).split('\n', 1)[0]
+
+
 def _fail(message: str) -> None:
     sys.stderr.write(f'error: {message}\n')
     sys.exit(USAGE_ERROR)
@@ -86,6 +106,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _drop_closed_loop_noise
+    std_logging.getLogger('asyncio').addFilter(_NoOrphanedFutures())
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value

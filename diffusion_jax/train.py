@@ -276,28 +276,27 @@ def train_and_evaluate(
         keep=config.training.keep_checkpoints,
         save_every_steps=config.training.checkpoint_every_steps,
     )
-    try:
+    try:  # nothing is written before the checkpoint and the data are accepted
         if ckpt.latest_valid_step() is not None:
             _check_resumable(ckpt.restore_meta(), config)
             state, _ = ckpt.restore(state, set_aside_failed=True)
             logging.info('resumed from step %d', int(state.step))
+        start_step = int(state.step)
+        local_batches = input_pipeline.train_iterator(
+            config.data,
+            global_batch_size=batch_size,
+            seed=config.training.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
     except BaseException:
         ckpt.close()
         raise
-    start_step = int(state.step)
     meta = {'config': config.to_dict()}
+    batches = parallel.prefetch_to_mesh(local_batches, mesh)
     if jax.process_index() == 0:
         image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
-
-    local_batches = input_pipeline.train_iterator(
-        config.data,
-        global_batch_size=batch_size,
-        seed=config.training.seed,
-        start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    batches = parallel.prefetch_to_mesh(local_batches, mesh)
     jit_train_step = make_jit_train_step(config, diffusion, learning_rate_fn, mesh)
     sample_fn = None
     if config.training.sample_every_steps:

@@ -7,7 +7,6 @@ import tempfile
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
-from flax import traverse_util
 from generate_test import tiny_config
 
 from diffusion_jax import diffusion as diffusion_lib
@@ -98,7 +97,7 @@ class FidTest(parameterized.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             weights = os.path.join(tmp, 'inception.npz')
             params = inception.random_params(jax.random.PRNGKey(0))
-            np.savez(weights, **traverse_util.flatten_dict(params, sep='/'))
+            inception.save_params(weights, params, source_sha256='0' * 64)
             gen = np.random.default_rng(0)
             real = gen.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
             np.savez(os.path.join(tmp, 'real.npz'), images=real)
@@ -107,14 +106,20 @@ class FidTest(parameterized.TestCase):
             config.data.dataset, config.data.path = 'npz', os.path.join(tmp, 'real.npz')
             config.eval.inception_weights = weights
             config.eval.batch_size = 4
+            with self.assertRaisesRegex(evaluate.EvalError, 'inception_sha256'):
+                evaluate._load_inception(config)  # not converted from the official file
+            config.eval.inception_sha256 = ''
+            with self.assertLogs(level='WARNING') as logs:
+                loaded = evaluate._load_inception(config)
+            self.assertIn('will not be comparable', logs.output[0])
             with self.assertRaisesRegex(evaluate.EvalError, 'compute_reference=True'):
-                evaluate._fid_is(config, samples)
+                evaluate._fid_is(config, samples, loaded)
             config.eval.compute_reference = True
-            got = evaluate._fid_is(config, samples)
+            got = evaluate._fid_is(config, samples, loaded)
             cached = evaluate.reference_stats_path(config)
             self.assertEqual(os.path.dirname(cached), tmp)  # next to the data
             mtime = os.path.getmtime(cached)
-            self.assertEqual(evaluate._fid_is(config, samples), got)  # reads the cache
+            self.assertEqual(evaluate._fid_is(config, samples, loaded), got)  # reads the cache
             self.assertEqual(os.path.getmtime(cached), mtime)
 
             # Independently: features of each set in one call, moments in NumPy.
@@ -134,11 +139,17 @@ class FidTest(parameterized.TestCase):
             # 5 samples make one split (splits never hold fewer than 100 images).
             np.testing.assert_allclose(got['inception_score'], np.exp(kl.mean()), rtol=1e-4)
 
-    def test_a_missing_weights_file_skips_fid_with_the_way_to_get_it(self):
+    def test_a_missing_weights_file_is_refused_with_the_way_to_get_it(self):
         config = tiny_config()
         config.eval.inception_weights = '/nonexistent/inception.npz'
+        with self.assertRaisesRegex(evaluate.EvalError, 'no Inception weights file.*convert_'):
+            evaluate._load_inception(config)
+
+    def test_no_weights_setting_skips_fid_with_the_way_to_get_it(self):
+        config = tiny_config()
+        self.assertIsNone(evaluate._load_inception(config))
         with self.assertLogs(level='WARNING') as logs:
-            got = evaluate._fid_is(config, np.zeros((4, 8, 8, 1), np.uint8))
+            got = evaluate._fid_is(config, np.zeros((4, 8, 8, 1), np.uint8), None)
         self.assertEqual(got, {'fid': 'skipped', 'inception_score': 'skipped'})
         self.assertIn('convert_inception', logs.output[0])
 

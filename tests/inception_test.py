@@ -145,9 +145,15 @@ class InceptionTest(parameterized.TestCase):
             with np.load(dst) as f:
                 self.assertEqual(str(f['_source_sha256']), source_sha256)
                 self.assertEqual(int(f['_format']), inception.FORMAT_VERSION)
+            # Not the official source file: refused by default, accepted with a warning by ''.
+            with self.assertRaisesRegex(inception.InceptionWeightsError, source_sha256):
+                inception.load_params(dst)
             with self.assertLogs(level='WARNING') as logs:
-                loaded = inception.load_params(dst)
+                loaded = inception.load_params(dst, source_sha256='')
             self.assertIn('will not be comparable', logs.output[0])
+            self.assertEqual(
+                inception.load_params(dst, source_sha256=source_sha256[:12]).keys(), loaded.keys()
+            )
             for key, value in traverse_util.flatten_dict(loaded, sep='/').items():
                 np.testing.assert_array_equal(value, expected[key], err_msg=key)
 
@@ -171,20 +177,40 @@ class InceptionTest(parameterized.TestCase):
         with self.assertRaisesRegex(inception.InceptionWeightsError, 'convert_inception'):
             inception.load_params('/nonexistent/inception.npz')
         flat = dict(traverse_util.flatten_dict(self.params, sep='/'))
+        error = inception.InceptionWeightsError
+
+        def write(path, arrays, **meta):
+            np.savez(path, **meta, **arrays)
+
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, 'w.npz')
-            np.savez(path, _format=np.int32(inception.FORMAT_VERSION + 1), **flat)
-            with self.assertRaisesRegex(inception.InceptionWeightsError, 'format version'):
+            good = {
+                '_format': np.int32(inception.FORMAT_VERSION),
+                '_source_sha256': np.str_(inception.OFFICIAL_SHA256_PREFIX + '0' * 56),
+                '_params_sha256': np.str_(inception.params_sha256(flat)),
+            }
+            write(path, flat, **good)
+            self.assertEqual(
+                set(traverse_util.flatten_dict(inception.load_params(path), sep='/')), set(flat)
+            )
+            write(path, flat, **{**good, '_format': np.int32(inception.FORMAT_VERSION + 1)})
+            with self.assertRaisesRegex(error, 'format version'):
                 inception.load_params(path)
-            flat['Mixed_5b/branch1x1/conv/kernel'] = np.zeros((1, 1, 192, 63), np.float32)
-            np.savez(path, **flat)
-            with self.assertRaisesRegex(
-                inception.InceptionWeightsError, 'Mixed_5b/branch1x1/conv/kernel has shape'
-            ):
+            # One changed weight: the stored checksum no longer matches.
+            damaged = {**flat, 'fc/bias': flat['fc/bias'] + 1e-3}
+            write(path, damaged, **good)
+            with self.assertRaisesRegex(error, 'is damaged'):
+                inception.load_params(path)
+            write(path, flat, **{**good, '_source_sha256': np.str_('ab' * 32)})
+            with self.assertRaisesRegex(error, 'SHA-256 abab.*not from the expected 6726825d'):
+                inception.load_params(path)
+            bad = {**flat, 'Mixed_5b/branch1x1/conv/kernel': np.zeros((1, 1, 192, 63), np.float32)}
+            write(path, bad, **{**good, '_params_sha256': np.str_(inception.params_sha256(bad))})
+            with self.assertRaisesRegex(error, 'Mixed_5b/branch1x1/conv/kernel has shape'):
                 inception.load_params(path)
             with open(path, 'wb') as f:
                 f.write(b'PK\x03\x04 truncated')
-            with self.assertRaisesRegex(inception.InceptionWeightsError, 'cannot read'):
+            with self.assertRaisesRegex(error, 'cannot read'):
                 inception.load_params(path)
 
     def test_the_converter_command_fails_in_one_line_on_a_missing_file(self):

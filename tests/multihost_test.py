@@ -7,11 +7,14 @@ paths (per-host data, global batches, collective checkpoints, lead-process outpu
 import glob
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -41,6 +44,43 @@ _WORKER = textwrap.dedent("""
     }
     np.savez(out, step=int(state.step), process_count=jax.process_count(),
              device_count=jax.device_count(), **local)
+""")
+
+
+# FID's multi-host plumbing with a cheap stand-in for the Inception network: features of the
+# samples (the same array on both hosts, each feeding its share) and of uneven per-host chunk
+# lists, and the reference statistics of the digits reference split read by both hosts.
+_FID_WORKER = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from diffusion_jax import evaluate, parallel
+    from diffusion_jax.evaluation import fid
+    from generate_test import tiny_config
+    out, stats_path, port, pid, nproc = sys.argv[1:6]
+    parallel.initialize_distributed(f'localhost:{port}', int(nproc), int(pid))
+    mesh = parallel.create_mesh()
+
+    @jax.jit
+    def features(images):  # uint8 [B, H, W, 3] -> ([B, 7] "pool", [B, 4] "logits")
+        x = images.astype(jnp.float32)
+        pool = jnp.concatenate([x.mean((1, 2)), x.std((1, 2)), x[:, :1, 0, 0]], axis=-1)
+        return pool, pool[:, :4]
+
+    samples = np.random.default_rng(0).integers(0, 256, (23, 4, 4, 3), np.uint8)
+    result = {}
+    stats = fid.RunningStats()
+    result['sample_logits'] = evaluate._features(
+        features, mesh, evaluate._sample_chunks(samples, 8), (4, 4, 3), 8, stats)
+    result['sample_mu'], result['sample_sigma'] = stats.mean, stats.covariance
+    # Process 0 has three chunks (4, 4 and 1 rows), process 1 one chunk of 2 rows.
+    uneven = [samples[:4], samples[4:8], samples[8:9]] if int(pid) == 0 else [samples[9:11]]
+    stats = fid.RunningStats()
+    result['uneven_logits'] = evaluate._features(features, mesh, uneven, (4, 4, 3), 8, stats)
+    config = tiny_config()
+    config.eval.compute_reference = True
+    config.eval.reference_stats = stats_path
+    result['ref_mu'], result['ref_sigma'] = evaluate._reference(config, features, mesh, 8)
+    np.savez(out, **result)
 """)
 
 
@@ -162,6 +202,119 @@ class TwoProcessTest(parameterized.TestCase):
                 self.assertEqual(f['images'].shape, (10, 8, 8, 1))
             self.assertEqual(glob.glob(os.path.join(workdir, 'samples', '*partial*')), [])
             self.assertEqual(glob.glob(os.path.join(workdir, 'samples', '.*')), [])
+
+    def test_fid_features_and_reference_statistics_use_both_hosts(self):
+        from generate_test import tiny_config
+
+        from diffusion_jax import input_pipeline
+
+        def features(images):  # the worker's stand-in, in NumPy
+            x = np.asarray(images, np.float64)
+            if x.shape[-1] == 1:
+                x = np.repeat(x, 3, axis=-1)
+            return np.concatenate([x.mean((1, 2)), x.std((1, 2)), x[:, :1, 0, 0]], axis=-1)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            stats_path = os.path.join(tmp, 'ref.npz')
+            port = _free_port()
+            commands = [
+                [
+                    sys.executable,
+                    '-c',
+                    _FID_WORKER,
+                    os.path.join(tmp, f'out_{pid}.npz'),
+                    stats_path,
+                    str(port),
+                    str(pid),
+                    '2',
+                ]
+                for pid in range(2)
+            ]
+            _run_together(commands, _env(2))
+            outs = []
+            for pid in range(2):
+                with np.load(os.path.join(tmp, f'out_{pid}.npz')) as f:
+                    outs.append({k: f[k] for k in f.files})
+            samples = np.random.default_rng(0).integers(0, 256, (23, 4, 4, 3), np.uint8)
+            want = features(samples)
+            for key in ('sample_logits', 'uneven_logits'):  # the same on both hosts
+                np.testing.assert_array_equal(outs[0][key], outs[1][key])
+            # Every sample once, in order (each global chunk is host 0's rows, then host 1's).
+            np.testing.assert_allclose(outs[0]['sample_logits'], want[:, :4], rtol=1e-5)
+            np.testing.assert_allclose(outs[0]['sample_mu'], want.mean(0), rtol=1e-5)
+            np.testing.assert_allclose(
+                outs[0]['sample_sigma'], np.cov(want, rowvar=False), rtol=1e-4, atol=1e-6
+            )
+            # Uneven chunk lists: step 1 has host 0's 4 rows and host 1's 2, then 4, then 1.
+            order = [0, 1, 2, 3, 9, 10, 4, 5, 6, 7, 8]
+            np.testing.assert_allclose(outs[0]['uneven_logits'], want[order, :4], rtol=1e-5)
+            # Reference statistics of the whole reference split, read by both hosts, written once.
+            config = tiny_config()
+            real = features(input_pipeline.load_images(config.data, config.eval.reference_split))
+            with np.load(stats_path) as f:
+                self.assertEqual(int(f['count']), len(real))
+                np.testing.assert_allclose(f['mu'], real.mean(0), rtol=1e-6)
+                np.testing.assert_allclose(
+                    f['sigma'], np.cov(real, rowvar=False), rtol=1e-5, atol=1e-6
+                )
+            np.testing.assert_allclose(outs[0]['ref_mu'], real.mean(0), rtol=1e-6)
+            self.assertEqual(sorted(os.listdir(tmp)), ['out_0.npz', 'out_1.npz', 'ref.npz'])
+
+    def test_sigterm_to_one_host_saves_both_at_the_same_step_and_exits_0(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir, port = os.path.join(tmp, 'w'), _free_port()
+            procs, logs = [], []
+            for pid in range(2):
+                logs.append(pathlib.Path(tmp, f'log_{pid}.txt'))
+                with open(logs[-1], 'w') as log:
+                    procs.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                '-m',
+                                'diffusion_jax.main',
+                                '--config=configs/digits.py',
+                                f'--workdir={workdir}',
+                                '--config.model.ch=16',
+                                '--config.model.num_groups=8',
+                                '--config.training.batch_size=8',
+                                '--config.training.num_train_steps=100000',
+                                '--config.training.sample_every_steps=0',
+                                '--config.training.log_every_steps=1',
+                                f'--coordinator_address=localhost:{port}',
+                                '--num_processes=2',
+                                f'--process_id={pid}',
+                            ],
+                            cwd=REPO,
+                            env=_env(2),
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        )
+                    )
+            try:
+                deadline = time.time() + TIMEOUT
+                while not all('step 5/' in log.read_text() for log in logs):
+                    for proc, log in zip(procs, logs, strict=True):
+                        self.assertIsNone(proc.poll(), log.read_text()[-3000:])
+                    self.assertLess(time.time(), deadline, logs[0].read_text()[-3000:])
+                    time.sleep(0.2)
+                procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host
+                codes = [proc.wait(timeout=TIMEOUT) for proc in procs]
+            finally:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+            texts = [log.read_text() for log in logs]
+            self.assertEqual(codes, [0, 0], texts[1][-3000:])
+            saved = [re.findall(r'preemption requested: saving step (\d+)', t) for t in texts]
+            self.assertLen(saved[0], 1, texts[0][-3000:])
+            self.assertEqual(saved[0], saved[1])  # the step both hosts agreed on
+            step = saved[0][0]
+            self.assertGreaterEqual(int(step), 5)
+            self.assertIn(step, os.listdir(os.path.join(workdir, 'checkpoints')))
+            self.assertTrue(
+                os.path.isfile(os.path.join(workdir, 'checkpoints', step, '_CHECKPOINT_METADATA'))
+            )
 
 
 if __name__ == '__main__':

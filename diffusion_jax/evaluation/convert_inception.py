@@ -13,7 +13,6 @@ version, and is written atomically.
 """
 
 import hashlib
-import io
 import sys
 import zipfile
 
@@ -120,22 +119,16 @@ def _sha256(path: str) -> str:
 def convert_file(src: str, dst: str) -> None:
     """Converts `src` (pytorch-fid's .pth, or its state dict as .npz) into `dst` (.npz).
 
-    `dst` is written atomically and also holds `_source_sha256` (hex SHA-256 of `src`) and
-    `_format` (`inception.FORMAT_VERSION`).
+    `dst` is written atomically by `inception.save_params`, with `_source_sha256` (hex SHA-256
+    of `src`), `_params_sha256` (of the converted arrays) and `_format`.
 
     Raises:
       OSError: `src` cannot be read or `dst` cannot be written.
       ConversionError: `src` is not the FID Inception network's state dict.
     """
-    from diffusion_jax import image_io
-
     digest = _sha256(src)
     flat = convert_state_dict(_read_state_dict(src))
-    buf = io.BytesIO()
-    np.savez(
-        buf, _source_sha256=np.str_(digest), _format=np.int32(inception.FORMAT_VERSION), **flat
-    )
-    image_io.atomic_write_bytes(dst, buf.getvalue())
+    inception.save_params(dst, flat, source_sha256=digest)
 
 
 def main(argv: list[str]) -> int:

@@ -26,7 +26,8 @@ renames separators and transposes.
 """
 
 import functools
-import os
+import hashlib
+import io
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 
@@ -45,7 +47,7 @@ NUM_FEATURES = 2048
 NUM_LOGITS = 1008
 INPUT_SIZE = 299
 BN_EPSILON = 1e-3
-FORMAT_VERSION = 1  # of the converted .npz
+FORMAT_VERSION = 2  # of the converted .npz (2: with the arrays' checksum)
 # pytorch-fid's file name carries the first hex digits of its SHA-256 (torch.hub's convention).
 OFFICIAL_SHA256_PREFIX = '6726825d'
 _PRECISION = jax.lax.Precision.HIGHEST  # no TF32: the same features on every device
@@ -289,32 +291,98 @@ def random_params(rng: jax.Array) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat, sep='/')
 
 
-def load_params(path: str) -> dict[str, Any]:
-    """Reads converted weights (`convert_inception`'s .npz) and checks them against the network.
+def params_sha256(flat: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the sorted names, dtypes, shapes and bytes of a flat parameter dict."""
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        value = np.ascontiguousarray(flat[key])
+        digest.update(f'{key}:{value.dtype.str}:{value.shape};'.encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def save_params(path: str, params: dict[str, Any], *, source_sha256: str) -> None:
+    """Writes parameters as the converted .npz `load_params` reads, atomically.
 
     Args:
-      path: the .npz file (`config.eval.inception_weights`).
+      path: destination (local or gs://).
+      params: nested or flat ('Mixed_5b/branch1x1/conv/kernel') dict of float32 arrays.
+      source_sha256: hex SHA-256 of the file they were converted from (recorded, checked by
+        `load_params` against `config.eval.inception_sha256`).
+    """
+    from diffusion_jax import image_io
+
+    flat = traverse_util.flatten_dict(params, sep='/') if _is_nested(params) else params
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        _format=np.int32(FORMAT_VERSION),
+        _source_sha256=np.str_(source_sha256),
+        _params_sha256=np.str_(params_sha256(flat)),
+        **flat,
+    )
+    image_io.atomic_write_bytes(path, buf.getvalue())
+
+
+def _is_nested(params: dict[str, Any]) -> bool:
+    return any(isinstance(v, dict) for v in params.values())
+
+
+def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> dict[str, Any]:
+    """Reads converted weights (`save_params`'s .npz) and checks them before any use.
+
+    Args:
+      path: the .npz file (`config.eval.inception_weights`), local or gs://.
+      source_sha256: the SHA-256 (or a prefix of it) the weights must have been converted from
+        (`config.eval.inception_sha256`); '' accepts any source, with a warning that the scores
+        are not comparable with published ones.
 
     Returns:
       The nested parameter dict that `make_feature_fn` takes, float32 arrays.
 
     Raises:
-      InceptionWeightsError: the file is missing or unreadable, has another format version, or
-        a parameter is missing, extra or misshapen (the message names the first such key).
+      InceptionWeightsError: the file is missing or unreadable, has another format version, its
+        arrays do not match their stored checksum (damaged or edited), it was converted from a
+        file with another checksum, or a parameter is missing, extra or misshapen (the message
+        names the first such key).
     """
-    if not path or not os.path.isfile(path):
+    if not path or not epath.Path(path).is_file():
         raise InceptionWeightsError(f'no Inception weights file at {path!r}: {HOWTO}')
     try:
-        with np.load(path) as f:
+        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
             flat = {k: f[k] for k in f.files if not k.startswith('_')}
-            meta = {k: f[k].item() for k in ('_format', '_source_sha256') if k in f.files}
+            meta = {k: f[k].item() for k in f.files if k.startswith('_')}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}; {HOWTO}') from e
-    version = meta.get('_format', FORMAT_VERSION)
+    version = meta.get('_format')
     if version != FORMAT_VERSION:
         raise InceptionWeightsError(
             f'{path} has format version {version}, this code reads {FORMAT_VERSION}: convert '
             'the .pth again with `python -m diffusion_jax.evaluation.convert_inception SRC DST`'
+        )
+    if meta.get('_params_sha256') != params_sha256(flat):
+        raise InceptionWeightsError(
+            f'{path} is damaged: its arrays do not match the checksum stored when it was '
+            'written; convert the .pth again with `python -m '
+            'diffusion_jax.evaluation.convert_inception SRC DST`'
+        )
+    source = str(meta.get('_source_sha256', ''))
+    if not source.startswith(source_sha256):
+        raise InceptionWeightsError(
+            f'{path} was converted from a file with SHA-256 {source}, not from the expected '
+            f'{source_sha256}... (config.eval.inception_sha256); use the official '
+            f'pt_inception-2015-12-05-{OFFICIAL_SHA256_PREFIX}.pth, or pass '
+            "--config.eval.inception_sha256='' to accept these weights (FID and IS will not be "
+            'comparable with published numbers)'
+        )
+    if not source.startswith(OFFICIAL_SHA256_PREFIX):
+        logging.warning(
+            '%s was not converted from the official pt_inception-2015-12-05-%s.pth (source '
+            'SHA-256 %s): FID and IS will not be comparable with published numbers',
+            path,
+            OFFICIAL_SHA256_PREFIX,
+            source,
         )
     expected = param_shapes()
     for key in sorted(set(expected) | set(flat)):
@@ -325,15 +393,6 @@ def load_params(path: str) -> dict[str, Any]:
                 f'{path} does not fit the FID Inception network: {key} has {what}, expected '
                 f'float shape {expected.get(key)}; {HOWTO}'
             )
-    source = str(meta.get('_source_sha256', 'unknown'))
-    if not source.startswith(OFFICIAL_SHA256_PREFIX):
-        logging.warning(
-            '%s was not converted from the official pt_inception-2015-12-05-%s.pth (source '
-            'SHA-256 %s): FID and IS will not be comparable with published numbers',
-            path,
-            OFFICIAL_SHA256_PREFIX,
-            source,
-        )
     return traverse_util.unflatten_dict(
         {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep='/'
     )
@@ -344,7 +403,8 @@ def make_feature_fn(
 ) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
     """Returns the jitted `fn(images_uint8) -> (pool, logits)` of the FID network.
 
-    `fn` takes uint8 [B, H, W, 3] (any H and W; tile grayscale to 3 channels first), applies
+    `fn` takes uint8 [B, H, W, 3] (numpy, or a global jax.Array sharded over `mesh`'s devices
+    of every process; any H and W; tile grayscale to 3 channels first), applies
     `preprocess` and returns pool [B, 2048] float32 (FID's features, >= 0) and logits
     [B, 1008] float32 (IS's classifier). It compiles once per input shape.
 
@@ -371,8 +431,8 @@ def make_feature_fn(
             features, in_shardings=(parallel.replicated(mesh), batched), out_shardings=batched
         )
 
-    def feature_fn(images_uint8: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        images = np.asarray(images_uint8)
+    def feature_fn(images_uint8: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
+        images = images_uint8 if isinstance(images_uint8, jax.Array) else np.asarray(images_uint8)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f'expected uint8 [B, H, W, 3], got {images.dtype} {images.shape}')
         if mesh is not None and images.shape[0] % mesh.size:
