@@ -398,6 +398,21 @@ def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> di
     )
 
 
+def _features(params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return InceptionV3().apply({'params': params}, preprocess(images))
+
+
+@functools.lru_cache
+def _jitted_features(mesh: Mesh | None) -> Callable:
+    """One jitted network per mesh, shared by every `make_feature_fn` (compiling it is slow)."""
+    if mesh is None:
+        return jax.jit(_features)
+    batched = parallel.batch_sharding(mesh)
+    return jax.jit(
+        _features, in_shardings=(parallel.replicated(mesh), batched), out_shardings=batched
+    )
+
+
 def make_feature_fn(
     params: dict[str, Any], *, mesh: Mesh | None = None
 ) -> Callable[[np.ndarray], tuple[jax.Array, jax.Array]]:
@@ -417,19 +432,9 @@ def make_feature_fn(
     Returns:
       The feature function.
     """
-    model = InceptionV3()
-
-    def features(p, images):
-        return model.apply({'params': p}, preprocess(images))
-
-    if mesh is None:
-        jitted = jax.jit(features)
-    else:
+    jitted = _jitted_features(mesh)
+    if mesh is not None:
         params = jax.device_put(params, parallel.replicated(mesh))
-        batched = parallel.batch_sharding(mesh)
-        jitted = jax.jit(
-            features, in_shardings=(parallel.replicated(mesh), batched), out_shardings=batched
-        )
 
     def feature_fn(images_uint8: np.ndarray | jax.Array) -> tuple[jax.Array, jax.Array]:
         images = images_uint8 if isinstance(images_uint8, jax.Array) else np.asarray(images_uint8)

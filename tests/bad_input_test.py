@@ -1,0 +1,217 @@
+"""Every bad input of the reliability issue against a workdir that already holds checkpoints and
+outputs: one clear `error:` line, exit status 2, no traceback, and every file in the workdir
+byte-for-byte as before (and no new files).
+
+The workdir is made once: a tiny digits model trained 4 steps (checkpoints 2 and 4), then
+`--mode=sample` (samples_4.npz and its grid).
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest, parameterized
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    '--config.model.ch=16',
+    '--config.model.num_groups=8',
+    '--config.training.batch_size=8',
+    '--config.training.num_train_steps=4',
+    '--config.training.checkpoint_every_steps=2',
+    '--config.training.sample_every_steps=0',
+    '--config.sampling.num_samples=4',
+    '--config.sampling.batch_size=4',
+    '--config.sampling.num_steps=2',
+]
+
+
+def _main(workdir: str, *args: str, config: str = 'configs/digits.py', env=None):
+    return subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'diffusion_jax.main',
+            f'--config={config}',
+            f'--workdir={workdir}',
+            *TINY,
+            *list(args),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, **(env or {})),
+    )
+
+
+def _snapshot(root: str) -> dict[str, str]:
+    """relative path -> SHA-256 of every file under `root` (directories implied)."""
+    out = {}
+    for path in sorted(pathlib.Path(root).rglob('*')):
+        if path.is_file():
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+class BadInputTest(parameterized.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.trained = os.path.join(cls._tmp.name, 'trained')
+        for mode in ('train', 'sample'):
+            proc = _main(cls.trained, f'--mode={mode}')
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        assert os.path.isfile(os.path.join(cls.trained, 'samples', 'samples_4.npz'))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = tmp.name
+        self.workdir = os.path.join(self.tmp, 'workdir')
+        shutil.copytree(self.trained, self.workdir)
+        self.assertIn('checkpoints/4/_CHECKPOINT_METADATA', _snapshot(self.workdir))
+
+    def assert_refused(self, proc, *fragments, before=None):
+        """One `error:` message last, exit 2, no traceback, the workdir exactly as `before`."""
+        self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+        where = proc.stderr.find('Traceback')
+        self.assertEqual(where, -1, proc.stderr[max(0, where - 300) : where + 3000])
+        last = proc.stderr.strip().splitlines()[-1]
+        message = proc.stderr[proc.stderr.rindex('error: ') :]
+        self.assertTrue(message.strip().endswith(last), proc.stderr[-2000:])
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        self.assertEqual(_snapshot(self.workdir), before)
+
+    @parameterized.named_parameters(
+        ('unknown_config_key', ['--config.training.bogus=1'], ['unknown config key', 'bogus']),
+        ('wrong_type', ['--config.training.batch_size=abc'], ['batch_size', 'abc']),
+        ('impossible_shapes', ['--config.data.image_size=7'], ['config.data.image_size', '7']),
+        ('num_samples_zero', ['--mode=sample', '--config.sampling.num_samples=0'],
+         ['config.sampling.num_samples', 'positive']),
+        ('num_samples_negative', ['--mode=eval', '--config.eval.num_samples=-5'],
+         ['config.eval.num_samples', '>= 0']),
+        ('unknown_dataset', ['--config.data.dataset=no_such_dataset'],
+         ['unknown dataset', 'no_such_dataset']),
+        ('changed_model', ['--config.model.ch=32'],
+         ['config.model.ch: checkpoint 16, now 32', 'allow_config_change=True']),
+        ('changed_diffusion', ['--config.diffusion.num_timesteps=100'],
+         ['config.diffusion.num_timesteps: checkpoint 250, now 100']),
+        ('changed_model_allowed_but_shapes_differ',
+         ['--config.model.ch=32', '--config.training.allow_config_change=True'],
+         ['could be restored', 'step 4', 'step 2']),
+        ('missing_inception_weights',
+         ['--mode=eval', '--config.eval.inception_weights=/nonexistent/inception.npz'],
+         ['no Inception weights file', 'convert_inception']),
+    )  # fmt: skip
+    def test_refused_and_nothing_changes(self, args, fragments):
+        before = _snapshot(self.workdir)
+        self.assert_refused(_main(self.workdir, *args), *fragments, before=before)
+
+    def test_missing_config_file(self):
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, config='configs/no_such_config.py')
+        self.assert_refused(proc, 'no_such_config.py', before=before)
+
+    def test_dataset_not_downloaded(self):
+        before = _snapshot(self.workdir)
+        proc = _main(  # grey like the digits: the checkpoint fits, only the data is missing
+            self.workdir, '--config.data.dataset=mnist', f'--config.data.data_dir={self.tmp}/tfds'
+        )
+        self.assert_refused(proc, 'mnist', 'download_and_prepare', before=before)
+
+    def test_empty_image_folder(self):
+        folder = os.path.join(self.tmp, 'images')
+        os.makedirs(folder)
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--config.data.dataset=folder', f'--config.data.path={folder}')
+        self.assert_refused(proc, folder, before=before)
+
+    def test_image_folder_with_only_non_images(self):
+        folder = os.path.join(self.tmp, 'images')
+        os.makedirs(folder)
+        pathlib.Path(folder, 'notes.txt').write_text('not an image')
+        pathlib.Path(folder, 'broken.png').write_bytes(b'\x89PNG truncated')
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--config.data.dataset=folder', f'--config.data.path={folder}')
+        self.assert_refused(proc, folder, before=before)
+        self.assertIn('skipped 1 non-PNG/JPEG files', proc.stderr)  # warned, then refused
+        self.assertIn('broken.png', proc.stderr)
+
+    def test_unreadable_image_folder(self):
+        if os.geteuid() == 0:  # root reads everything: use a path that is a file instead
+            folder = os.path.join(self.tmp, 'images')
+            pathlib.Path(folder).write_text('a file, not a folder')
+        else:
+            folder = os.path.join(self.tmp, 'images')
+            os.makedirs(folder)
+            os.chmod(folder, 0)
+            self.addCleanup(os.chmod, folder, 0o755)
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--config.data.dataset=folder', f'--config.data.path={folder}')
+        self.assert_refused(proc, folder, before=before)
+
+    def _corrupt(self, how: str) -> None:
+        for step in ('2', '4'):
+            files = [
+                p
+                for p in pathlib.Path(self.workdir, 'checkpoints', step, 'state').rglob('*')
+                if p.is_file() and p.parent.name == 'd'
+            ]
+            self.assertNotEmpty(files)
+            for path in files:
+                data = path.read_bytes()
+                path.write_bytes(
+                    data[: len(data) // 2] if how == 'truncated' else b'\0' * len(data)
+                )
+
+    @parameterized.parameters(('truncated', 'train'), ('zeroed', 'sample'))
+    def test_damaged_checkpoints(self, how, mode):
+        self._corrupt(how)
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, f'--mode={mode}')
+        self.assert_refused(proc, 'could be restored', 'step 4', 'step 2', before=before)
+
+    def test_wrong_checksum_inception_weights(self):
+        from diffusion_jax.evaluation import inception
+
+        weights = os.path.join(self.tmp, 'inception.npz')
+        flat = {k: np.zeros(s, np.float32) for k, s in inception.param_shapes().items()}
+        inception.save_params(weights, flat, source_sha256='ab' * 32)
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--mode=eval', f'--config.eval.inception_weights={weights}')
+        self.assert_refused(proc, 'SHA-256 abab', 'inception_sha256', before=before)
+
+    def test_sample_mode_without_checkpoints(self):
+        empty = os.path.join(self.tmp, 'empty')
+        os.makedirs(empty)
+        pathlib.Path(empty, 'notes.txt').write_text('mine')
+        self.workdir = empty
+        before = _snapshot(empty)
+        self.assert_refused(_main(empty, '--mode=sample'), 'train first', before=before)
+
+    def test_batch_that_does_not_divide_over_the_devices(self):
+        before = _snapshot(self.workdir)
+        proc = _main(
+            self.workdir,
+            '--config.training.batch_size=6',
+            env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+        )
+        self.assert_refused(proc, 'does not divide over 4 devices', before=before)
+
+
+if __name__ == '__main__':
+    absltest.main()
