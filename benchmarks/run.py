@@ -1,44 +1,63 @@
-"""Benchmarks: `python -m benchmarks.run --suite=cpu|gpu --out=FILE.json`.
+"""Benchmarks: `python -m benchmarks.run --suite=cpu|gpu --out=FILE.json [--peer=auto|on|off]`.
 
 Measures, after a warm-up call and with `block_until_ready`:
-* train: steps/s and images/s of the jitted train step, and its compile time;
+* train: steps/s and images/s of the jitted train step and its compile time, in the --dtype
+  compute dtype and (unless --nobf16_train) also in bfloat16;
 * sampling: images/s of ancestral sampling over all T=1000 steps and of DDIM with 50 steps, the
   sampler's compile time, and compile time against T (one `lax.scan`, so it must stay flat);
-* the model FLOPs of a train step and of one reverse step from XLA's cost analysis, and the
-  FLOP/s they imply.
+* the model FLOPs of a train step and of one reverse step from XLA's cost analysis, the FLOP/s
+  they imply, and MFU against the device's peak (`peaks`; --peak_tflops overrides it);
+* memory per measurement: the device's `peak_bytes_in_use` where the backend counts it (a
+  high-water mark since the process started: measurements run from the smallest to the
+  largest), else the process's host RSS sampled during the measurement (`memory`); and XLA's
+  own buffer-assignment peak of the compiled program;
+* the PyTorch peer (`peer_torch`: diffusers' UNet2DModel as the same network, torch Adam and
+  diffusers' schedulers), run first in a child process of this invocation when --peer allows,
+  with our/peer ratios of throughput and memory.
 
 The `cpu` suite uses the digits network (8x8, 651k parameters) so it runs in a few minutes on a
-laptop; the `gpu` suite uses the paper's CIFAR10 network at batch 128. Timings are medians of
-`--repeats` runs. Never run these as tests: they measure, they do not check.
+laptop; the `gpu` suite uses the paper's CIFAR10 network (35.7M) at batch 128. Both use the
+paper's linear betas with T=1000. Timings are medians of --repeats runs. Never run these as
+tests: they measure, they do not check.
 """
 
 import functools
+import importlib.util
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from configs import cifar10, digits
+from benchmarks import memory, peaks, report, suites
 from diffusion_jax import models, parallel, sampling, train
 from diffusion_jax import train_state as train_state_lib
 
-_SUITE = flags.DEFINE_enum('suite', 'cpu', ('cpu', 'gpu'), 'Which sizes to measure.')
+_SUITE = flags.DEFINE_enum('suite', 'cpu', tuple(suites.SUITES), 'Which sizes to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (median reported).')
-
-# suite -> (config, train batch, sampling batch, train steps per timed run)
-SUITES = {
-    'cpu': (digits.get_config, 64, 16, 20),
-    'gpu': (cifar10.get_config, 128, 256, 50),
-}
-SAMPLERS = (('ancestral', 1000), ('ddim', 50))  # (sampler, reverse steps); T = 1000 for both
-COMPILE_VS_T = (10, 100, 1000)
+_DTYPE = flags.DEFINE_enum(
+    'dtype',
+    'float32',
+    suites.DTYPES,
+    'Compute dtype (ours: config.model.dtype; the peer: autocast).',
+)
+_BF16_TRAIN = flags.DEFINE_bool('bf16_train', True, 'Also time a bfloat16 train step.')
+_PEER = flags.DEFINE_enum(
+    'peer', 'auto', ('auto', 'on', 'off'), 'The PyTorch peer; auto: if torch and diffusers exist.'
+)
+_PEER_CHECK = flags.DEFINE_bool('peer_check', True, "Check the peer computes our U-Net's function.")
+_PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU.')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -50,6 +69,22 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _measure(fn: Callable[[], object], repeats: int) -> tuple[float, dict]:
+    """(median seconds of fn, the memory record of the timed runs)."""
+    with memory.HostRssPeak() as host:
+        seconds = _median_seconds(fn, repeats)
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+        record = {
+            'kind': 'device',
+            'peak_bytes': int(stats['peak_bytes_in_use']),
+            'note': 'peak_bytes_in_use of device 0 since the process started',
+        }
+    else:  # XLA:CPU does not count its bytes
+        record = host.as_dict()
+    return seconds, record
+
+
 def _flops(compiled) -> float | None:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):  # older jax returns one dict per device program
@@ -57,24 +92,27 @@ def _flops(compiled) -> float | None:
     return float(analysis['flops']) if analysis and 'flops' in analysis else None
 
 
-def _config(suite: str, num_timesteps: int = 1000):
-    config = SUITES[suite][0]()
-    config.diffusion.num_timesteps = num_timesteps
-    config.diffusion.beta_start, config.diffusion.beta_end = 1e-4, 0.02  # the paper's schedule
-    return config
+def _program_bytes(compiled) -> int | None:
+    """XLA's buffer-assignment peak of the compiled program (arguments, outputs, temporaries)."""
+    try:
+        return int(compiled.memory_analysis().peak_memory_in_bytes)
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
-def bench_train(suite: str, repeats: int) -> dict:
-    config = _config(suite)
-    _, batch_size, _, steps = SUITES[suite]
+def bench_train(suite: str, dtype: str, repeats: int) -> dict:
+    """Times the jitted train step on a fixed random batch [B, S, S, C] in [-1, 1]."""
+    config, s = suites.get_config(suite, dtype=dtype), suites.SUITES[suite]
     mesh = parallel.create_mesh()
     model = models.get_model(config)
     tx, lr_fn = train_state_lib.create_optimizer(config.optim)
     state = train_state_lib.create_train_state(
         model, tx, jax.random.PRNGKey(0), train.image_shape(config)
     )
+    num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    assert num_params == s.num_params, f'{num_params:,} parameters, the suite says {s.num_params:,}'
     state = jax.device_put(state, parallel.replicated(mesh))
-    images = np.random.default_rng(0).uniform(-1, 1, (batch_size, *train.image_shape(config)))
+    images = np.random.default_rng(0).uniform(-1, 1, (s.train_batch, *train.image_shape(config)))
     batch = parallel.global_batch({'image': images.astype(np.float32)}, mesh)
     rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
     step_fn = train.make_jit_train_step(config, train.create_diffusion(config), lr_fn, mesh)
@@ -84,29 +122,33 @@ def bench_train(suite: str, repeats: int) -> dict:
     holder = [jax.block_until_ready(compiled(state, batch, rng)[0])]  # warm-up
 
     def run():
-        s = holder[0]
-        for _ in range(steps):
-            s, metrics = compiled(s, batch, rng)
-        holder[0] = s
+        s_ = holder[0]
+        for _ in range(s.train_steps):
+            s_, metrics = compiled(s_, batch, rng)
+        holder[0] = s_
         return metrics['loss']
 
-    seconds = _median_seconds(run, repeats) / steps
+    seconds, mem = _measure(run, repeats)
+    seconds /= s.train_steps
     flops = _flops(compiled)
     return {
-        'batch_size': batch_size,
-        'num_params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+        'batch_size': s.train_batch,
+        'dtype': dtype,
+        'num_params': num_params,
         'compile_s': compile_s,
         'step_ms': 1e3 * seconds,
         'steps_per_s': 1 / seconds,
-        'images_per_s': batch_size / seconds,
+        'images_per_s': s.train_batch / seconds,
         'xla_flops_per_step': flops,
         'achieved_tflops': flops / seconds / 1e12 if flops else None,
+        'memory': mem,
+        'xla_program_peak_bytes': _program_bytes(compiled),
     }
 
 
-def _sample_fn(suite: str, sampler: str, num_steps: int, num_timesteps: int = 1000):
-    config = _config(suite, num_timesteps)
-    batch_size = SUITES[suite][2]
+def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, dtype='float32'):
+    config = suites.get_config(suite, num_timesteps, dtype)
+    batch_size = suites.SUITES[suite].sample_batch
     model = models.get_model(config)
     fn = sampling.make_sample_fn(
         model,
@@ -117,31 +159,32 @@ def _sample_fn(suite: str, sampler: str, num_steps: int, num_timesteps: int = 10
         num_steps=num_steps,
         mesh=parallel.create_mesh(),
     )
+    shape = (1, *train.image_shape(config))
     params = jax.jit(
-        lambda r: model.init(
-            r,
-            np.zeros((1, *train.image_shape(config)), np.float32),
-            np.zeros((1,), np.int32),
-            train=False,
-        )['params']
+        lambda r: model.init(r, np.zeros(shape, np.float32), np.zeros((1,), np.int32), train=False)[
+            'params'
+        ]
     )(jax.random.PRNGKey(0))
     return fn, params, batch_size
 
 
-def bench_sampling(suite: str, repeats: int) -> dict:
+def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
+    """Times each of `suites.SAMPLERS` on one batch, from noise to images."""
     results = {}
-    for sampler, num_steps in SAMPLERS:
-        fn, params, batch_size = _sample_fn(suite, sampler, num_steps)
+    for sampler, num_steps in suites.SAMPLERS:
+        fn, params, batch_size = _sample_fn(suite, sampler, num_steps, dtype=dtype)
         rng = jax.random.PRNGKey(0)
         start = time.perf_counter()
         compiled = fn.lower(params, rng).compile()
         compile_s = time.perf_counter() - start
         jax.block_until_ready(compiled(params, rng, np.int32(0)))  # warm-up
-        seconds = _median_seconds(functools.partial(compiled, params, rng, np.int32(0)), repeats)
+        run = functools.partial(compiled, params, rng, np.int32(0))
+        seconds, mem = _measure(run, repeats)
         flops = _flops(compiled)
         results[f'{sampler}_{num_steps}'] = {
             'batch_size': batch_size,
             'num_steps': num_steps,
+            'dtype': dtype,
             'compile_s': compile_s,
             'seconds_per_batch': seconds,
             'images_per_s': batch_size / seconds,
@@ -149,38 +192,143 @@ def bench_sampling(suite: str, repeats: int) -> dict:
             # XLA's cost analysis counts a scan's body once, i.e. one reverse step.
             'xla_flops_per_reverse_step': flops,
             'achieved_tflops': flops * num_steps / seconds / 1e12 if flops else None,
+            'memory': mem,
+            'xla_program_peak_bytes': _program_bytes(compiled),
         }
-    compile_vs_t = {}
-    for num_timesteps in COMPILE_VS_T:
+    return results
+
+
+def compile_vs_num_timesteps(suite: str) -> dict[str, float]:
+    """Compile seconds of the ancestral sampler for each T in `suites.COMPILE_VS_T`."""
+    out = {}
+    for num_timesteps in suites.COMPILE_VS_T:
         fn, params, _ = _sample_fn(suite, 'ancestral', None, num_timesteps)
         start = time.perf_counter()
         fn.lower(params, jax.random.PRNGKey(0)).compile()
-        compile_vs_t[str(num_timesteps)] = time.perf_counter() - start
-    results['compile_s_vs_num_timesteps'] = compile_vs_t
-    return results
+        out[str(num_timesteps)] = time.perf_counter() - start
+    return out
+
+
+def run_peer(mode: str, suite: str, train_dtypes, sample_dtype: str, repeats: int) -> dict:
+    """Runs `benchmarks.peer_torch` in a child process of this interpreter; its JSON record."""
+    if mode == 'off':
+        return {'status': 'off'}
+    missing = [m for m in ('torch', 'diffusers') if importlib.util.find_spec(m) is None]
+    if missing:
+        if mode == 'on':
+            raise app.UsageError(f'--peer=on needs {missing}: pip install -e ".[bench]"')
+        return {'status': 'peer not installed', 'missing': missing}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, 'peer.json')
+        args = [
+            '-m',
+            'benchmarks.peer_torch',
+            f'--suite={suite}',
+            f'--train_dtypes={",".join(train_dtypes)}',
+            f'--sample_dtype={sample_dtype}',
+            f'--repeats={repeats}',
+            f'--check={_PEER_CHECK.value}',
+            f'--out={out}',
+        ]
+        # The peer's JAX (its correctness check only) stays on the CPU, off the GPU.
+        env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+        proc = subprocess.run([sys.executable, *args], cwd=_REPO, env=env, check=False)
+        if proc.returncode:
+            if mode == 'on':
+                raise RuntimeError(f'the peer failed (exit {proc.returncode}); see its log above')
+            return {'status': 'failed', 'returncode': proc.returncode}
+        with open(out) as f:
+            result = json.load(f)
+    return {'status': 'ok', 'command': 'python ' + ' '.join(args[:-1]), **result}
+
+
+def _peak(row: dict, kind: str, platform_name: str, num_devices: int) -> dict | None:
+    return peaks.device_peak(
+        kind, platform_name, row['dtype'], num_devices, override_tflops=_PEAK_TFLOPS.value
+    )
+
+
+def add_mfu_and_ratios(results: dict) -> None:
+    """Adds 'peak' and 'mfu' to every row (ours and the peer's) and results['ratios']."""
+    machine = results['machine']
+    peer = results['peer'] if results['peer'].get('status') == 'ok' else None
+    ours_rows = {f'train_{k}': v for k, v in results['train'].items()}
+    ours_rows.update(
+        {k: v for k, v in results['sampling'].items() if isinstance(v, dict) and 'dtype' in v}
+    )
+    results['ratios'] = {}
+    for name, row in ours_rows.items():
+        is_train = name.startswith('train_')
+        flops = row['xla_flops_per_step'] if is_train else row['xla_flops_per_reverse_step']
+        seconds = row['step_ms'] / 1e3 if is_train else row['seconds_per_batch']
+        flops = flops if is_train or flops is None else flops * row['num_steps']
+        row['peak'] = _peak(row, machine['device_kind'], machine['backend'], machine['num_devices'])
+        row['mfu'] = peaks.mfu(flops, seconds, row['peak'])
+        if peer is None:
+            continue
+        theirs = peer['train'].get(name[6:]) if is_train else peer['sampling'].get(name)
+        if theirs is None:
+            continue
+        platform_name = 'cpu' if machine['backend'] == 'cpu' else 'cuda'
+        theirs['peak'] = _peak(theirs, peer['device'], platform_name, 1)
+        their_seconds = theirs['step_ms'] / 1e3 if is_train else theirs['seconds_per_batch']
+        theirs['mfu'] = peaks.mfu(flops, their_seconds, theirs['peak'])
+        same_kind = row['memory']['kind'] == theirs['memory']['kind']
+        results['ratios'][name] = {
+            'ours_over_peer_throughput': row['images_per_s'] / theirs['images_per_s'],
+            'ours_over_peer_peak_memory': (
+                row['memory']['peak_bytes'] / theirs['memory']['peak_bytes'] if same_kind else None
+            ),
+        }
+
+
+def _matmul_tflops(dtype: str) -> float:
+    """TFLOP/s of a large square matmul on device 0: what the device reaches in practice."""
+    n = 2048 if jax.default_backend() == 'cpu' else 8192
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))
+    return 2 * n**3 / _median_seconds(lambda: matmul(a), 3) / 1e12
 
 
 def main(argv: list[str]) -> None:
     del argv
-    suite = _SUITE.value
+    suite, dtype, repeats = _SUITE.value, _DTYPE.value, _REPEATS.value
+    train_dtypes = suites.train_dtypes(dtype, _BF16_TRAIN.value)
     results = {
         'suite': suite,
-        'machine': {
-            'platform': platform.platform(),
-            'python': sys.version.split()[0],
-            'jax': jax.__version__,
-            'backend': jax.default_backend(),
-            'devices': [str(d) for d in jax.devices()],
-            'device_kind': jax.devices()[0].device_kind,
-        },
+        'dtype': dtype,
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+        'load_average_start': os.getloadavg(),
     }
-    logging.info('train step (%s suite)', suite)
-    results['train'] = bench_train(suite, _REPEATS.value)
-    logging.info('samplers (%s suite)', suite)
-    results['sampling'] = bench_sampling(suite, _REPEATS.value)
+    # The peer first, before JAX takes the accelerator (and, on GPUs, most of its memory).
+    logging.info('PyTorch peer (--peer=%s)', _PEER.value)
+    results['peer'] = run_peer(_PEER.value, suite, train_dtypes, dtype, repeats)
+    results['machine'] = {
+        'platform': platform.platform(),
+        'python': sys.version.split()[0],
+        'jax': jax.__version__,
+        'backend': jax.default_backend(),
+        'devices': [str(d) for d in jax.devices()],
+        'device_kind': jax.devices()[0].device_kind,
+        'num_devices': jax.device_count(),
+        'cpu_cores': len(os.sched_getaffinity(0)),
+        'matmul_tflops': _matmul_tflops(dtype),
+    }
+    # Smallest memory first: the device's peak_bytes_in_use only ever grows.
+    logging.info('samplers (%s suite, %s)', suite, dtype)
+    results['sampling'] = bench_sampling(suite, dtype, repeats)
+    results['train'] = {}
+    for train_dtype in reversed(train_dtypes):
+        logging.info('train step (%s suite, %s)', suite, train_dtype)
+        results['train'][train_dtype] = bench_train(suite, train_dtype, repeats)
+    results['train'] = {k: results['train'][k] for k in train_dtypes}
+    results['sampling']['compile_s_vs_num_timesteps'] = compile_vs_num_timesteps(suite)
+    results['load_average_end'] = os.getloadavg()
+    add_mfu_and_ratios(results)
     text = json.dumps(results, indent=2)
     print(text)
+    print(report.format_table(results))
     if _OUT.value:
         with open(_OUT.value, 'w') as f:
             f.write(text + '\n')

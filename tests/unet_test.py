@@ -6,6 +6,7 @@ exact parameter counts of the original TensorFlow layout.
 
 import functools
 import math
+from unittest import mock
 
 import chex
 import jax
@@ -372,6 +373,31 @@ class DtypeTest(parameterized.TestCase):
             if eqn.primitive.name == 'conv_general_dilated'
         }
         self.assertEqual(conv_dtypes, {jnp.dtype(jnp.bfloat16)})
+
+    @parameterized.named_parameters(
+        ('cpu_bf16', 'cpu', None, jnp.bfloat16, 256, None),
+        ('h100_bf16', 'gpu', '9.0', jnp.bfloat16, 256, 'cudnn'),
+        ('h100_f32', 'gpu', '9.0', jnp.float32, 256, None),
+        ('h100_head_too_wide', 'gpu', '9.0', jnp.bfloat16, 512, None),
+        ('a100_head_256', 'gpu', '8.0', jnp.float16, 256, None),
+        ('a100_head_128', 'gpu', '8.0', jnp.float16, 128, 'cudnn'),
+        ('v100', 'gpu', '7.0', jnp.bfloat16, 128, None),
+        ('head_not_multiple_of_8', 'gpu', '9.0', jnp.bfloat16, 12, None),
+        ('rocm_has_no_capability', 'gpu', 'rocm', jnp.bfloat16, 128, None),
+    )
+    def test_attention_uses_cudnn_only_where_it_supports_the_call(
+        self, backend, capability, dtype, head_dim, expected
+    ):
+        class FakeDevice:
+            def __init__(self):
+                if capability != 'rocm':
+                    self.compute_capability = capability
+
+        with (
+            mock.patch.object(jax, 'default_backend', return_value=backend),
+            mock.patch.object(jax, 'devices', return_value=[FakeDevice()]),
+        ):
+            self.assertEqual(layers.attention_implementation(dtype, head_dim), expected)
 
 
 class GetModelTest(parameterized.TestCase):

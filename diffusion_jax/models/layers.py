@@ -131,6 +131,30 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+def attention_implementation(dtype: Any, head_dim: int) -> str | None:
+    """'cudnn' (cuDNN's fused flash attention) where it supports the call, else None (XLA's).
+
+    `jax.nn.dot_product_attention` uses cuDNN only when asked, and cuDNN needs a CUDA GPU of
+    compute capability 8.0 or later, 16-bit inputs, and a head dim that is a multiple of 8 and
+    at most 256 on Hopper and later (128 before). Elsewhere XLA's implementation is used.
+
+    Args:
+        dtype: the dtype of q, k and v.
+        head_dim: channels per head (all C channels: the block has one head).
+
+    Returns:
+        The `implementation` argument of `jax.nn.dot_product_attention`.
+    """
+    if jax.default_backend() != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return None
+    try:
+        major = int(jax.devices()[0].compute_capability.split('.')[0])
+    except (AttributeError, ValueError):  # not a CUDA device (e.g. ROCm): no cuDNN
+        return None
+    limit = 256 if major >= 9 else 128
+    return 'cudnn' if major >= 8 and head_dim % 8 == 0 and head_dim <= limit else None
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
@@ -164,7 +188,9 @@ class AttnBlock(nn.Module):
         )
         # [B, T, N, C] with one head; the default scale is 1 / sqrt(C), as in the original.
         q, k, v = (a.reshape(b, height * width, 1, c) for a in (q, k, v))
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        implementation = attention_implementation(q.dtype, c)
+        h = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        h = h.reshape(b, height, width, c)
         h = nn.Dense(c, kernel_init=default_init(0.0), name='proj_out', **dtypes)(h)
         return x + h
 
