@@ -160,7 +160,7 @@ def bench_train(suite: str, dtype: str, device: torch.device, repeats: int) -> d
         lr_sched.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - o.ema_decay)
-        return loss
+        return loss.detach()
 
     def run() -> float:
         for _ in range(s.train_steps):

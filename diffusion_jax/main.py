@@ -8,6 +8,7 @@ status 2 instead of a traceback.
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -81,6 +82,28 @@ def _make_configs_importable(argv: list[str]) -> None:
                 sys.path.insert(0, root)
 
 
+def _unknown_key_message(error: str, argv: list[str]) -> str:
+    """'unknown config key: config.training.batchsize (did you mean config.training.batch_size?)'.
+
+    `error` is ml_collections' text, which quotes the bad key and may suggest a close one.
+    """
+    text = error.replace("\\'", "'")
+    names = re.findall(r"""['"](\w+)['"]""", text)
+    if not names:
+        return f'unknown config key: {text}'
+    bad = names[0]
+    full = bad
+    for arg in argv:
+        parts = arg[2:].split('=')[0].split('.') if arg.startswith('--config.') else []
+        if bad in parts[1:]:
+            full = '.'.join(parts[: parts.index(bad, 1) + 1])
+            break
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    if suggestion:
+        return f'unknown config key: {full} (did you mean {full[: -len(bad)]}{suggestion[1]}?)'
+    return f'unknown config key: {full}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-loading errors turned into one-line messages."""
     _make_configs_importable(argv)
@@ -89,8 +112,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         config = _CONFIG.value
     except flags.Error as e:
         _fail(str(e))
-    except AttributeError as e:  # an unknown --config.x.y override on a locked config
-        _fail(f'unknown config key: {str(e).strip(chr(39))}'.replace('\\n', ' '))
+    except (AttributeError, KeyError) as e:  # an unknown --config.x.y key: the config is locked
+        _fail(_unknown_key_message(str(e), argv))
     except (OSError, ImportError, SyntaxError) as e:
         _fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
     if config is None:

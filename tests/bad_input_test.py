@@ -97,7 +97,11 @@ class BadInputTest(parameterized.TestCase):
         self.assertEqual(_snapshot(self.workdir), before)
 
     @parameterized.named_parameters(
-        ('unknown_config_key', ['--config.training.bogus=1'], ['unknown config key', 'bogus']),
+        ('unknown_config_key', ['--config.training.bogus=1'],
+         ['unknown config key: config.training.bogus']),
+        ('unknown_config_section', ['--config.bogus.x=1'], ['unknown config key: config.bogus']),
+        ('misspelt_config_key', ['--config.training.batchsize=3'],
+         ['config.training.batchsize', 'did you mean config.training.batch_size?']),
         ('wrong_type', ['--config.training.batch_size=abc'], ['batch_size', 'abc']),
         ('impossible_shapes', ['--config.data.image_size=7'], ['config.data.image_size', '7']),
         ('num_samples_zero', ['--mode=sample', '--config.sampling.num_samples=0'],

@@ -1,0 +1,31 @@
+"""Test-session setup: one persistent XLA compilation cache for the whole test run.
+
+Many tests compile the same small programs (the digits train step, the samplers) again and
+again: in-process, in both pytest-xdist workers, and in the `python -m diffusion_jax.main`
+subprocesses that the fault-injection, multi-host and bad-input tests start. JAX's persistent
+cache compiles each program once per run. It is set through the environment before JAX is
+imported, so the workers and every subprocess inherit it; a size limit turns on JAX's file
+locks, so that concurrent processes never read a half-written entry. The directory is new for
+each run and removed at its end: nothing carries over between runs. A cache directory already
+set in the environment is used as it is.
+
+The cache changes how long tests take, never what they compute: a cached program is the same
+XLA executable that compiling would give.
+"""
+
+import os
+import shutil
+import tempfile
+
+_OWNED_CACHE_DIR = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _OWNED_CACHE_DIR = tempfile.mkdtemp(prefix='diffusion_jax_tests_xla_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWNED_CACHE_DIR
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
+
+
+def pytest_unconfigure(config) -> None:
+    del config
+    if _OWNED_CACHE_DIR is not None:
+        shutil.rmtree(_OWNED_CACHE_DIR, ignore_errors=True)
