@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 
+import fast_compile
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -46,7 +47,7 @@ def _main(workdir: str, *args: str, config: str = 'configs/digits.py', env=None)
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, **(env or {})),
+        env={**os.environ, 'XLA_FLAGS': fast_compile.xla_flags(), **(env or {})},
     )
 
 
@@ -212,7 +213,7 @@ class BadInputTest(parameterized.TestCase):
         proc = _main(
             self.workdir,
             '--config.training.batch_size=6',
-            env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+            env={'XLA_FLAGS': fast_compile.xla_flags(4)},
         )
         self.assert_refused(proc, 'does not divide over 4 devices', before=before)
 

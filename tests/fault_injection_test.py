@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 
+import fast_compile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -28,6 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 60
 CHECKPOINT_EVERY = 3
 TMP_MARK = '.orbax-checkpoint-tmp'  # orbax's TMP_DIR_SUFFIX
+ENV = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags())
 
 
 def _command(workdir: str) -> list[str]:
@@ -73,7 +75,7 @@ class SigkillTest(absltest.TestCase):
         rng = random.Random(1234)
         with tempfile.TemporaryDirectory() as reference, tempfile.TemporaryDirectory() as faulted:
             done = subprocess.run(
-                _command(reference), cwd=REPO, capture_output=True, text=True, timeout=600
+                _command(reference), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
             )
             self.assertEqual(done.returncode, 0, done.stderr[-3000:])
 
@@ -83,7 +85,7 @@ class SigkillTest(absltest.TestCase):
                 log_path = pathlib.Path(faulted, f'log_{round_index}.txt')
                 with open(log_path, 'w') as log:
                     proc = subprocess.Popen(
-                        _command(faulted), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+                        _command(faulted), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT
                     )
                     try:
                         tmp_seen = self._wait_and_kill(
@@ -103,7 +105,12 @@ class SigkillTest(absltest.TestCase):
                 killed_steps.append(text.count('steps/s'))
             else:  # every round was killed: one more, uninterrupted
                 finish = subprocess.run(
-                    _command(faulted), cwd=REPO, capture_output=True, text=True, timeout=600
+                    _command(faulted),
+                    cwd=REPO,
+                    env=ENV,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
                 )
                 self.assertEqual(finish.returncode, 0, finish.stderr[-3000:])
                 logs.append(finish.stderr)

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 
+import fast_compile
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -232,7 +233,7 @@ class DeviceCountTest(parameterized.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             for count in (1, 8):
                 out = os.path.join(tmp, f'{count}.npy')
-                env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={count}')
+                env = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags(count))
                 env['PYTHONPATH'] = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
                 proc = subprocess.run(
                     [sys.executable, '-c', _EIGHT_DEVICES, out, str(count)],

@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import time
 
+import fast_compile
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -92,7 +93,7 @@ def _free_port() -> int:
 
 def _env(devices_per_process: int) -> dict[str, str]:
     env = dict(os.environ)
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices_per_process}'
+    env['XLA_FLAGS'] = fast_compile.xla_flags(devices_per_process)
     env['PYTHONPATH'] = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
     return env
 

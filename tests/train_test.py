@@ -11,6 +11,7 @@ import textwrap
 import time
 from unittest import mock
 
+import fast_compile
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+_FAST_COMPILE_ENV = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags())
 
 
 def tiny_config(**training):
@@ -275,9 +277,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 class MultiDeviceTest(parameterized.TestCase):
     def test_eight_devices_match_one_device_on_the_same_global_batch(self):
-        env = dict(
-            os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=str(REPO)
-        )
+        env = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags(8), PYTHONPATH=str(REPO))
         proc = subprocess.run(
             [sys.executable, '-c', _EIGHT_DEVICES],
             cwd=REPO,
@@ -313,6 +313,7 @@ class PreemptionTest(parameterized.TestCase):
                 proc = subprocess.Popen(
                     self._main(workdir, '--config.training.num_train_steps=100000'),
                     cwd=REPO,
+                    env=_FAST_COMPILE_ENV,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
@@ -337,6 +338,7 @@ class PreemptionTest(parameterized.TestCase):
             again = subprocess.run(
                 self._main(workdir, f'--config.training.num_train_steps={saved + 2}'),
                 cwd=REPO,
+                env=_FAST_COMPILE_ENV,
                 capture_output=True,
                 text=True,
                 timeout=300,
