@@ -32,20 +32,21 @@ def pytest_unconfigure(config) -> None:
 
 
 # Tests that take minutes (subprocesses, the full-size CIFAR10 network, the Inception network),
-# by node id fragment, slowest first. They are collected first, so pytest-xdist deals them out
-# to its two workers in turn at the start, instead of leaving one of them running at the end
-# while the other sits idle. The two multi-host tests that start process pairs for minutes are
-# far apart in the list, so that they do not run at the same time.
+# by node id fragment, in pairs of about equal cost. They are collected first and, with
+# `--maxschedchunk=1` (pyproject's addopts), pytest-xdist hands each worker two tests to start
+# and then one test at a time to whichever worker is free: the long tests start early and no
+# worker is left running one of them at the end while the other sits idle. The two multi-host
+# tests, which start process pairs for minutes, are far apart in the list.
 _SLOW_FIRST = (
     'test_two_hosts_train_checkpoint_resume_and_sample_like_one',
-    'test_the_cifar10_recipe_runs_on_mock_data',
     'fault_injection_test.py',
+    'test_the_cifar10_recipe_runs_on_mock_data',
     'test_a_short_digits_run_learns',
     'test_fid_and_is_with_random_inception_weights',
-    'test_sigterm_to_one_host',
     'test_resumed_run_is_bit_identical',
     'MultiDeviceTest',
     'PreemptionTest',
+    'test_sigterm_to_one_host',
     'EvalModeTest',
     'DeviceCountTest',
 )
