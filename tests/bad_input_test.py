@@ -47,7 +47,7 @@ def _main(workdir: str, *args: str, config: str = 'configs/digits.py', env=None)
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, 'XLA_FLAGS': fast_compile.xla_flags(), **(env or {})},
+        env=fast_compile.env(**(env or {})),
     )
 
 

@@ -6,6 +6,8 @@ tests that start `python -m diffusion_jax.main` or a worker script spend most of
 compiling small programs, so they pass these flags in the subprocess's environment.
 """
 
+import os
+
 FLAGS = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
 
 
@@ -15,3 +17,8 @@ def xla_flags(device_count: int | None = None) -> str:
     if device_count is not None:
         flags.append(f'--xla_force_host_platform_device_count={device_count}')
     return ' '.join(flags)
+
+
+def env(device_count: int | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment with `xla_flags(device_count)` and `extra` set."""
+    return {**os.environ, 'XLA_FLAGS': xla_flags(device_count), **extra}

@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 60
 CHECKPOINT_EVERY = 3
 TMP_MARK = '.orbax-checkpoint-tmp'  # orbax's TMP_DIR_SUFFIX
-ENV = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags())
+ENV = fast_compile.env()
 
 
 def _command(workdir: str) -> list[str]:

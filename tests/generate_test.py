@@ -233,7 +233,7 @@ class DeviceCountTest(parameterized.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             for count in (1, 8):
                 out = os.path.join(tmp, f'{count}.npy')
-                env = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags(count))
+                env = fast_compile.env(count)
                 env['PYTHONPATH'] = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
                 proc = subprocess.run(
                     [sys.executable, '-c', _EIGHT_DEVICES, out, str(count)],

@@ -92,10 +92,8 @@ def _free_port() -> int:
 
 
 def _env(devices_per_process: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env['XLA_FLAGS'] = fast_compile.xla_flags(devices_per_process)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
-    return env
+    pythonpath = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
+    return fast_compile.env(devices_per_process, PYTHONPATH=pythonpath)
 
 
 def _run_together(commands: list[list[str]], env: dict[str, str]) -> list[str]:

@@ -24,7 +24,7 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_FAST_COMPILE_ENV = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags())
+_FAST_COMPILE_ENV = fast_compile.env()
 
 
 def tiny_config(**training):
@@ -277,7 +277,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 
 class MultiDeviceTest(parameterized.TestCase):
     def test_eight_devices_match_one_device_on_the_same_global_batch(self):
-        env = dict(os.environ, XLA_FLAGS=fast_compile.xla_flags(8), PYTHONPATH=str(REPO))
+        env = fast_compile.env(8, PYTHONPATH=str(REPO))
         proc = subprocess.run(
             [sys.executable, '-c', _EIGHT_DEVICES],
             cwd=REPO,
