@@ -6,6 +6,7 @@ impossible config, missing dataset, bad checkpoint) ends with one line on stderr
 status 2 instead of a traceback.
 """
 
+import inspect
 import logging as std_logging
 import os
 import re
@@ -36,6 +37,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host jobs: this pr
 
 # Libraries whose INFO lines (dozens per checkpoint) would bury the training log.
 _CHATTY = ('/orbax/', '/jax/_src/', '/etils/')
+_ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -57,7 +59,20 @@ def _drop_closed_loop_noise(unraisable) -> None:
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
         return
+    if _is_abandoned_orbax_read(unraisable.object):
+        return
     sys.__unraisablehook__(unraisable)
+
+
+def _is_abandoned_orbax_read(obj: object) -> bool:
+    """True for an orbax coroutine closed unfinished (its restore already failed and was reported).
+
+    When the interpreter finalises such a coroutine at exit, orbax's read wraps the close in its
+    own exception ('Encountered error while reading array index'), reported as unraisable after
+    the error message the user should see last.
+    """
+    code = getattr(obj, 'cr_code', None)
+    return inspect.iscoroutine(obj) and code is not None and _ORBAX_DIR in code.co_filename
 
 
 class _NoOrphanedFutures(std_logging.Filter):
