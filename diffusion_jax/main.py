@@ -71,8 +71,7 @@ def _is_abandoned_orbax_read(obj: object) -> bool:
     own exception ('Encountered error while reading array index'), reported as unraisable after
     the error message the user should see last.
     """
-    code = getattr(obj, 'cr_code', None)
-    return inspect.iscoroutine(obj) and code is not None and _ORBAX_DIR in code.co_filename
+    return inspect.iscoroutine(obj) and _ORBAX_DIR in obj.cr_code.co_filename
 
 
 class _NoOrphanedFutures(std_logging.Filter):
