@@ -45,7 +45,7 @@ _CHECK = flags.DEFINE_bool('check', True, 'Check with JAX on the CPU that ours =
 
 
 def _device(suite: str) -> torch.device:
-    if suite == 'cpu':
+    if suite == 'cpu' or (suite == 'rehearse' and not torch.cuda.is_available()):
         return torch.device('cpu')
     if not torch.cuda.is_available():
         raise RuntimeError(f'--suite={suite} runs the peer on CUDA, but torch sees no CUDA GPU')
@@ -256,8 +256,17 @@ def check_same_function(suite: str) -> dict:
     }
 
 
-def run_all(suite: str, train_dtypes: list[str], sample_dtype: str, repeats: int) -> dict:
-    """Every peer measurement of the suite, as the JSON record `benchmarks.run` merges."""
+def run_all(
+    suite: str,
+    train_dtypes: list[str],
+    sample_dtype: str,
+    repeats: int,
+    on_row: Callable[[dict], None] = lambda results: None,
+) -> dict:
+    """Every peer measurement of the suite, as the JSON record `benchmarks.run` merges.
+
+    `on_row(results so far)` is called after each measurement.
+    """
     device = _device(suite)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -272,11 +281,13 @@ def run_all(suite: str, train_dtypes: list[str], sample_dtype: str, repeats: int
     for dtype in train_dtypes:
         logging.info('peer train step (%s, %s)', suite, dtype)
         results['train'][dtype] = bench_train(suite, dtype, device, repeats)
+        on_row(results)
     for sampler, num_steps in suites.SAMPLERS:
         logging.info('peer %s sampler, %d steps', sampler, num_steps)
         results['sampling'][f'{sampler}_{num_steps}'] = bench_sampler(
             suite, sampler, num_steps, sample_dtype, device, repeats
         )
+        on_row(results)
     return results
 
 
@@ -284,7 +295,15 @@ def main(argv: list[str]) -> None:
     del argv
     threads = _THREADS.value or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    results = run_all(_SUITE.value, _TRAIN_DTYPES.value, _SAMPLE_DTYPE.value, _REPEATS.value)
+
+    def write_partial(results: dict) -> None:  # a run stopped by a time limit keeps these
+        if _OUT.value:
+            with open(_OUT.value + '.partial.json', 'w') as f:
+                json.dump(results, f, indent=2)
+
+    results = run_all(
+        _SUITE.value, _TRAIN_DTYPES.value, _SAMPLE_DTYPE.value, _REPEATS.value, write_partial
+    )
     if _CHECK.value:
         results['check'] = check_same_function(_SUITE.value)
         logging.info('ours vs peer, same weights: %s', results['check'])

@@ -3,7 +3,7 @@
     python -m benchmarks.precision --steps=N --out=DIR
 
 Both runs use the project's own pieces exactly as `train.train_and_evaluate` wires them: the
-same `PRNGKey(config.training.seed)` split into init and train keys, the same digits input
+same `key(config.training.seed)` split into init and train keys, the same digits input
 pipeline (so the same batches in the same order), and `train.make_jit_train_step`. Parameters,
 Adam state, EMA, the loss and the noise stay float32 in both (`param_dtype`); only
 `config.model.dtype`, the compute dtype of the U-Net's convs, dense layers and attention,
@@ -51,14 +51,14 @@ def _config(dtype: str, num_steps: int) -> ml_collections.ConfigDict:
 
 
 def eval_loss(config: ml_collections.ConfigDict, params) -> float:
-    """Mean L_simple of `params` on the held-out digits, t and noise fixed by PRNGKey(0).
+    """Mean L_simple of `params` on the held-out digits, t and noise fixed by key(0).
 
     Every test image is used EVAL_DRAWS times: x_start [EVAL_DRAWS * 297, 8, 8, 1].
     """
     images = input_pipeline.to_float(input_pipeline.load_images(config.data, 'test'))
     x_start = jnp.asarray(np.tile(images, (EVAL_DRAWS, 1, 1, 1)))
     diffusion = train.create_diffusion(config)
-    t_rng, noise_rng = jax.random.split(jax.random.PRNGKey(0))
+    t_rng, noise_rng = jax.random.split(jax.random.key(0))
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape)
     model = models.get_model(config)
@@ -83,7 +83,7 @@ def train_run(config: ml_collections.ConfigDict) -> dict:
         'step_ms' (mean over all steps after the first), 'eval_loss' (EMA params)}.
     """
     mesh = parallel.create_mesh()
-    init_rng, train_rng, _ = jax.random.split(jax.random.PRNGKey(config.training.seed), 3)
+    init_rng, train_rng, _ = jax.random.split(jax.random.key(config.training.seed), 3)
     model = models.get_model(config)
     tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
     state = train_state_lib.create_train_state(model, tx, init_rng, train.image_shape(config))

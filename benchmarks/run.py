@@ -55,6 +55,12 @@ _BF16_TRAIN = flags.DEFINE_bool('bf16_train', True, 'Also time a bfloat16 train 
 _PEER = flags.DEFINE_enum(
     'peer', 'auto', ('auto', 'on', 'off'), 'The PyTorch peer; auto: if torch and diffusers exist.'
 )
+_PEER_RESULT = flags.DEFINE_string(
+    'peer_result',
+    None,
+    'Read the peer from this JSON (written by `python -m benchmarks.peer_torch --out=...`) '
+    'instead of running it; `benchmarks/device.sh` runs the peer under its own time limit.',
+)
 _PEER_CHECK = flags.DEFINE_bool('peer_check', True, "Check the peer computes our U-Net's function.")
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU.')
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,14 +113,14 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
     model = models.get_model(config)
     tx, lr_fn = train_state_lib.create_optimizer(config.optim)
     state = train_state_lib.create_train_state(
-        model, tx, jax.random.PRNGKey(0), train.image_shape(config)
+        model, tx, jax.random.key(0), train.image_shape(config)
     )
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     assert num_params == s.num_params, f'{num_params:,} parameters, the suite says {s.num_params:,}'
     state = jax.device_put(state, parallel.replicated(mesh))
     images = np.random.default_rng(0).uniform(-1, 1, (s.train_batch, *train.image_shape(config)))
     batch = parallel.global_batch({'image': images.astype(np.float32)}, mesh)
-    rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
+    rng = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
     step_fn = train.make_jit_train_step(config, train.create_diffusion(config), lr_fn, mesh)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
@@ -164,7 +170,7 @@ def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, d
         lambda r: model.init(r, np.zeros(shape, np.float32), np.zeros((1,), np.int32), train=False)[
             'params'
         ]
-    )(jax.random.PRNGKey(0))
+    )(jax.random.key(0))
     return fn, params, batch_size
 
 
@@ -173,7 +179,7 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
     results = {}
     for sampler, num_steps in suites.SAMPLERS:
         fn, params, batch_size = _sample_fn(suite, sampler, num_steps, dtype=dtype)
-        rng = jax.random.PRNGKey(0)
+        rng = jax.random.key(0)
         start = time.perf_counter()
         compiled = fn.lower(params, rng).compile()
         compile_s = time.perf_counter() - start
@@ -204,7 +210,7 @@ def compile_vs_num_timesteps(suite: str) -> dict[str, float]:
     for num_timesteps in suites.COMPILE_VS_T:
         fn, params, _ = _sample_fn(suite, 'ancestral', None, num_timesteps)
         start = time.perf_counter()
-        fn.lower(params, jax.random.PRNGKey(0)).compile()
+        fn.lower(params, jax.random.key(0)).compile()
         out[str(num_timesteps)] = time.perf_counter() - start
     return out
 
@@ -291,6 +297,13 @@ def _matmul_tflops(dtype: str) -> float:
     return 2 * n**3 / _median_seconds(lambda: matmul(a), 3) / 1e12
 
 
+def _write_partial(results: dict) -> None:
+    """The measurements so far, to `--out`.partial.json: a run stopped by a limit keeps them."""
+    if _OUT.value:
+        with open(_OUT.value + '.partial.json', 'w') as f:
+            json.dump(results, f, indent=2)
+
+
 def main(argv: list[str]) -> None:
     del argv
     suite, dtype, repeats = _SUITE.value, _DTYPE.value, _REPEATS.value
@@ -302,8 +315,16 @@ def main(argv: list[str]) -> None:
         'load_average_start': os.getloadavg(),
     }
     # The peer first, before JAX takes the accelerator (and, on GPUs, most of its memory).
-    logging.info('PyTorch peer (--peer=%s)', _PEER.value)
-    results['peer'] = run_peer(_PEER.value, suite, train_dtypes, dtype, repeats)
+    if _PEER_RESULT.value:
+        with open(_PEER_RESULT.value) as f:
+            results['peer'] = {
+                'status': 'ok',
+                'command': f'read from {_PEER_RESULT.value}',
+                **json.load(f),
+            }
+    else:
+        logging.info('PyTorch peer (--peer=%s)', _PEER.value)
+        results['peer'] = run_peer(_PEER.value, suite, train_dtypes, dtype, repeats)
     results['machine'] = {
         'platform': platform.platform(),
         'python': sys.version.split()[0],
@@ -318,10 +339,12 @@ def main(argv: list[str]) -> None:
     # Smallest memory first: the device's peak_bytes_in_use only ever grows.
     logging.info('samplers (%s suite, %s)', suite, dtype)
     results['sampling'] = bench_sampling(suite, dtype, repeats)
+    _write_partial(results)
     results['train'] = {}
     for train_dtype in reversed(train_dtypes):
         logging.info('train step (%s suite, %s)', suite, train_dtype)
         results['train'][train_dtype] = bench_train(suite, train_dtype, repeats)
+        _write_partial(results)
     results['train'] = {k: results['train'][k] for k in train_dtypes}
     results['sampling']['compile_s_vs_num_timesteps'] = compile_vs_num_timesteps(suite)
     results['load_average_end'] = os.getloadavg()

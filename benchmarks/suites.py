@@ -36,6 +36,8 @@ SUITES = {
     'cpu': Suite(digits.get_config, 64, 16, 20, 651_041),
     # The paper's CIFAR10 network (unet2d16b2) at the paper's train batch.
     'gpu': Suite(cifar10.get_config, 128, 256, 50, 35_746_307),
+    # `benchmarks/device.sh --rehearse`: the gpu suite's code paths on a CPU, at digits sizes.
+    'rehearse': Suite(digits.get_config, 8, 4, 2, 651_041),
 }
 SAMPLERS = (('ancestral', 1000), ('ddim', 50))  # (sampler, reverse steps); T = 1000 for both
 COMPILE_VS_T = (10, 100, 1000)

@@ -31,7 +31,10 @@ from jax.experimental import multihost_utils
 # on GCS); its absence marks a step directory that orbax did not finish.
 _STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 _STEP_RE = re.compile(r'0|[1-9]\d*')
-_TMP_RE = re.compile(r'(0|[1-9]\d*)' + re.escape(ocp.path.step.TMP_DIR_SUFFIX))
+
+
+_SAVE_ARGS = {'state': ocp.args.StandardSave, 'meta': ocp.args.JsonSave}
+_RESTORE_ARGS = {'state': ocp.args.StandardRestore, 'meta': ocp.args.JsonRestore}
 
 
 class CheckpointError(ValueError):
@@ -42,13 +45,22 @@ def _is_complete(step_dir: epath.Path) -> bool:
     return (step_dir / _STEP_METADATA_FILE).exists()
 
 
+def _is_interrupted_save(path: epath.Path) -> bool:
+    """A step directory orbax was still writing (`<step>.orbax-checkpoint-tmp-*` locally)."""
+    return path.name.split('.', 1)[0].isdigit() and ocp.path.step.is_tmp_checkpoint(path)
+
+
 @dataclasses.dataclass(frozen=True)
-class _CompleteStepsNameFormat(ocp.path.step.NameFormat):
+class _CompleteStepsNameFormat:
     """Orbax's standard step naming, but listing only complete step directories.
+
+    It implements orbax's public `ocp.path.step.NameFormat` protocol (the documented
+    `step_name_format` option) by delegating to `standard_name_format()`; nothing of orbax is
+    subclassed.
 
     Orbax (0.12.8) lists a bare numeric directory as a step on local disks. Such a step would
     then block every ordinary save at or below its number (`should_save` refuses steps <= the
-    latest step), take a `max_to_keep` slot, and be garbage-collected by orbax. Hiding it from the
+    latest step), take a `LatestN` slot, and be garbage-collected by orbax. Hiding it from the
     manager keeps saving and retention about complete checkpoints only and leaves the directory
     alone.
     """
@@ -80,7 +92,7 @@ def _report_interrupted_saves(directory: epath.Path) -> None:
     if jax.process_index() != 0 or not directory.is_dir():
         return
     for path in sorted(directory.iterdir(), key=lambda p: p.name):
-        if _TMP_RE.match(path.name):
+        if _is_interrupted_save(path):
             logging.warning(
                 'Removing %s: an interrupted save left it incomplete (that step is lost; the '
                 'complete steps are kept).',
@@ -109,7 +121,7 @@ class Checkpointer:
 
         Args:
             directory: local path or `gs://` URL holding one subdirectory per step.
-            keep: number of newest complete steps to keep (`max_to_keep`).
+            keep: number of newest complete steps to keep (orbax's `LatestN` policy).
             save_every_steps: `save` writes steps divisible by this unless forced; the first save
                 into a directory without checkpoints always happens (orbax's InitialSavePolicy).
         """
@@ -119,12 +131,28 @@ class Checkpointer:
             )
         _report_interrupted_saves(epath.Path(directory))
         self._name_format = _CompleteStepsNameFormat(ocp.path.step.standard_name_format())
+        policies = ocp.checkpoint_managers
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item, handler in (
+            ('state', ocp.StandardCheckpointHandler),
+            ('meta', ocp.JsonCheckpointHandler),
+        ):
+            registry.add(item, _SAVE_ARGS[item], handler)
+            registry.add(item, _RESTORE_ARGS[item], handler)
         self._manager = ocp.CheckpointManager(
             directory,
-            item_names=('state', 'meta'),
+            handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
-                save_interval_steps=save_every_steps,
+                # Orbax's default decision, spelled out: the interval, the preemption sync point
+                # under jax.distributed, and the first save into an empty directory.
+                save_decision_policy=policies.AnySavePolicy(
+                    [
+                        policies.FixedIntervalPolicy(save_every_steps),
+                        policies.PreemptionCheckpointingPolicy(),
+                        policies.InitialSavePolicy(),
+                    ]
+                ),
+                preservation_policy=policies.LatestN(keep),
                 create=True,
                 cleanup_tmp_directories=True,
                 step_name_format=self._name_format,
@@ -312,7 +340,7 @@ class Checkpointer:
                     complete.append(int(path.name))
                 else:
                     incomplete.append(path)
-            elif _TMP_RE.match(path.name):
+            elif _is_interrupted_save(path):
                 incomplete.append(path)
         for path in sorted(incomplete, key=lambda p: p.name):
             logging.warning(

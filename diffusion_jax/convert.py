@@ -375,7 +375,7 @@ def write_workdir(config: ml_collections.ConfigDict, params: Any, workdir: str) 
     # The state train_and_evaluate builds, as shapes only: initialising it would compile
     # model.init (tens of seconds on a CPU) for parameters we replace anyway.
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    rng = jax.random.PRNGKey(config.training.seed)
+    rng = jax.random.key(config.training.seed)
     target = jax.eval_shape(lambda: train_state_lib.create_train_state(model, tx, rng, shape))
     assert jax.eval_shape(lambda: state) == target, 'not the TrainState train_and_evaluate builds'
     state = jax.device_put(state, parallel.replicated(parallel.create_mesh()))

@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import generate, image_io, input_pipeline, models, parallel, train
+from diffusion_jax import generate, image_io, input_pipeline, models, parallel, summary, train
 from diffusion_jax.evaluation import bpd, fid, inception
 
 IS_SPLITS = 10  # as in the paper's table 1
@@ -54,7 +54,7 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
         batches,
         mesh=mesh,
         batch_size=e.batch_size,
-        rng=jax.random.PRNGKey(config.sampling.seed),
+        rng=jax.random.key(config.sampling.seed),
     )
     if jax.process_index() == 0:
         image_io.save_json(os.path.join(eval_dir, f'bpd_{step}.json'), result)
@@ -248,8 +248,6 @@ def _table(metrics: dict[str, Any]) -> str:
 
 def run_eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`--mode=eval`; returns the metrics also written to `WORKDIR/eval/metrics_<step>.json`."""
-    from clu import metric_writers  # imports TensorFlow: keep it off the package import path
-
     s = config.sampling
     sample_fn, params, config, step = generate.load_sampler(workdir, config, step=s.checkpoint_step)
     # Refuse bad Inception weights or missing reference statistics before hours of sampling.
@@ -282,8 +280,7 @@ def run_eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     if jax.process_index() == 0:
         path = os.path.join(eval_dir, f'metrics_{step}.json')
         image_io.save_json(path, metrics)
-        writer = metric_writers.SummaryWriter(os.path.join(workdir, 'eval'))
-        writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)})
-        writer.close()
+        with summary.SummaryWriter(os.path.join(workdir, 'eval')) as writer:
+            writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)})
         logging.info('wrote %s\n%s', path, _table(metrics))
     return metrics

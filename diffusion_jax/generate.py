@@ -117,7 +117,7 @@ def load_sampler(
         model = models.get_model(config)
         tx, _ = train_state_lib.create_optimizer(config.optim)
         target = train_state_lib.create_train_state(
-            model, tx, jax.random.PRNGKey(0), train.image_shape(config)
+            model, tx, jax.random.key(0), train.image_shape(config)
         )
         target = jax.device_put(target, parallel.replicated(mesh))
         state, _ = ckpt.restore(target, step)
@@ -191,7 +191,7 @@ def generate_to_npz(
       path: the output .npz.
       num_samples: N >= 1, any size (the last batch is cut).
       batch_size: images per `sample_fn` call.
-      seed: image i uses `fold_in(PRNGKey(seed), i)`.
+      seed: image i uses `fold_in(key(seed), i)`.
       spec: JSON-able description of the run (checkpoint step, sampler, ...); a partial run
         with another spec is refused, not mixed in.
 
@@ -215,7 +215,7 @@ def generate_to_npz(
         raise refusal or SampleError(f'process 0 refused {shard_dir}; see its log')
     if done:
         logging.info('resuming: %d of %d images already in %s', done, num_samples, shard_dir)
-    rng = jax.random.PRNGKey(seed)
+    rng = jax.random.key(seed)
     interactive = lead and sys.stderr.isatty()
     with tqdm.tqdm(
         initial=done, total=num_samples, unit='img', disable=not interactive, dynamic_ncols=True
@@ -285,7 +285,7 @@ def _write_interpolation(config, workdir, params, step) -> str:
         num_lambdas=s.interpolate_num,
         clip_denoised=s.clip_denoised,
     )
-    mixed = interpolate_fn(params, sources[0], sources[1], jax.random.PRNGKey(s.seed))
+    mixed = interpolate_fn(params, sources[0], sources[1], jax.random.key(s.seed))
     strip = image_io.to_uint8(np.concatenate([sources[:1], np.asarray(mixed), sources[1:]]))
     path = os.path.join(workdir, 'samples', f'interpolate_{step}_{i}_{j}_t{t}.png')
     if jax.process_index() == 0:

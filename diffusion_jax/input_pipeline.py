@@ -21,7 +21,8 @@ p takes the p-th contiguous slice of it. tfds datasets are read with per-host sh
 deterministic tf.data pipeline; resuming at step k re-reads and discards k batches of encoded
 images (not decoded): exact, but slower than a seek.
 
-TensorFlow is imported lazily inside the tfds functions, so `import diffusion_jax` never loads it.
+TensorFlow is imported lazily inside the tfds functions, so `import diffusion_jax` and every run on
+a built-in source never load it; TensorFlow and tfds come with the `tfds` extra.
 """
 
 import contextlib
@@ -314,8 +315,16 @@ def eval_iterator(
 
 def _tfds_builder(data_config: ml_collections.ConfigDict):
     """tfds.builder for data_config.dataset, with DatasetError for unknown names."""
-    import tensorflow as tf  # lazy: the package must not load TF
-    import tensorflow_datasets as tfds
+    try:  # lazy: the package must not load TF
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DatasetError(
+            f'dataset {data_config.dataset!r} is read with tensorflow-datasets, which is not '
+            f'installed ({e}); install the extra: pip install "diffusion-jax[tfds]" (from a '
+            'checkout: pip install -e ".[tfds]"), or use a built-in source '
+            f'{list(BUILTIN_SOURCES)}'
+        ) from None
 
     # Keep TF off the accelerators (JAX owns them); RuntimeError: TF's devices already set up.
     with contextlib.suppress(RuntimeError):
@@ -408,10 +417,10 @@ def _tf_decode(builder, encoded, size: int):
 
 
 def _tfds_train(data_config, local, seed, start_step, process_index, process_count):
+    builder = _tfds_builder(data_config)  # first: it says which extra a missing TF needs
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    builder = _tfds_builder(data_config)
     seed = seed % (1 << 31)
     ds = _tfds_split(builder, data_config, 'train_split', process_index, process_count, seed)
     # Shuffle the encoded bytes; decoded bytes per image bound their size.
@@ -439,10 +448,10 @@ def _tfds_train(data_config, local, seed, start_step, process_index, process_cou
 
 
 def _tfds_eval(data_config, local, process_index, process_count, share):
+    builder = _tfds_builder(data_config)  # first: it says which extra a missing TF needs
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    builder = _tfds_builder(data_config)
     ds = _tfds_split(builder, data_config, 'eval_split', process_index, process_count, None)
     if share is not None:
         ds = ds.take(share)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
 
@@ -25,9 +25,14 @@ class BatchSizeError(ValueError):
 
 
 def create_mesh(devices: list[Any] | None = None) -> Mesh:
-    """A 1-D mesh named 'data' over `devices` (default: every device of every host)."""
+    """A 1-D mesh named 'data' over `devices` (default: every device of every host).
+
+    `jax.make_mesh` orders the devices along the interconnect (a ring on TPU). The axis is
+    `Auto`: jit's in/out shardings place the arrays and XLA propagates the rest, the same
+    programs on every JAX version we support (newer ones default to `Explicit` axes).
+    """
     devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=list(devices))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -25,6 +25,7 @@ from diffusion_jax import (
     parallel,
     sampling,
     schedules,
+    summary,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
@@ -218,7 +219,9 @@ class _NonFiniteSteps:
             )
 
 
-def _write_samples(workdir, step, sample_fn, state, rng, writer) -> None:
+def _write_samples(
+    workdir: str, step: int, sample_fn, state, rng: jax.Array, writer: summary.SummaryWriter | None
+) -> None:
     """Samples with the EMA parameters and writes a PNG grid (lead process only)."""
     images = image_io.to_uint8(
         parallel.to_host(sample_fn(state.ema_params, jax.random.fold_in(rng, step)))
@@ -255,12 +258,10 @@ def train_and_evaluate(
     Writes `config.json`, TensorBoard scalars, checkpoints under `checkpoints/` and sample grids
     under `samples/`. Returns the final state.
     """
-    from clu import metric_writers  # imports TensorFlow: keep it off the package import path
-
     mesh = parallel.create_mesh()
     batch_size = config.training.batch_size
     parallel.check_batch_size(batch_size, jax.device_count(), 'config.training.batch_size')
-    rng = jax.random.PRNGKey(config.training.seed)
+    rng = jax.random.key(config.training.seed)
     init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
 
     model = models.get_model(config)
@@ -312,15 +313,11 @@ def train_and_evaluate(
         )
     num_steps = config.training.num_train_steps
     progress = _Progress(start_step, num_steps, batch_size)
-    if progress.interactive:  # the bar shows loss and throughput; logging lines would break it
-        writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-    else:
-        writer = metric_writers.create_default_writer(
-            workdir, just_logging=jax.process_index() > 0, asynchronous=True
-        )
+    # TensorBoard events from the lead process only; the others report nothing.
+    writer = summary.SummaryWriter(workdir) if jax.process_index() == 0 else None
     last_saved = start_step
     try:
-        with checkpointing.PreemptionGuard() as guard, metric_writers.ensure_flushes(writer):
+        with checkpointing.PreemptionGuard() as guard:
             nonfinite = _NonFiniteSteps(config.training.max_nonfinite_steps)
             for step in range(start_step, num_steps):
                 batch = next(batches)
@@ -331,7 +328,8 @@ def train_and_evaluate(
                 if done % config.training.log_every_steps == 0 or done == num_steps:
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     scalars.update(progress.update(done, scalars))
-                    writer.write_scalars(done, scalars)
+                    if writer is not None:
+                        writer.write_scalars(done, scalars)
                 else:
                     progress.update(done, None)
                 # Asking orbax costs ~30 ms even when it declines, so only ask when it is due.
@@ -351,6 +349,8 @@ def train_and_evaluate(
                 _write_samples(workdir, final, sample_fn, state, sample_rng, writer)
     finally:
         progress.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
     logging.info('finished at step %d; workdir %s', int(state.step), workdir)
     return state

@@ -280,7 +280,7 @@ class CommandTest(absltest.TestCase):
         model = models.get_model(config)
         tx, _ = train_state_lib.create_optimizer(config.optim)
         abstract = jax.eval_shape(
-            lambda: train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3))
+            lambda: train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 3))
         )
         target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
         target = jax.device_put(target, parallel.replicated(parallel.create_mesh()))

@@ -123,7 +123,7 @@ class TablesTest(parameterized.TestCase):
         n = 200_000
         t = jnp.full((n,), 300)
         x0 = jnp.full((n, 1, 1, 1), 0.7)
-        noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
+        noise = jax.random.normal(jax.random.key(0), x0.shape)
         xt = np.asarray(diffusion_lib.q_sample(d, x0, t, noise), np.float64).ravel()
         mean, var = math.sqrt(REF.alpha_bar[300]) * 0.7, 1.0 - REF.alpha_bar[300]
         # Five standard errors of the sample mean and of the sample variance.
@@ -394,7 +394,7 @@ class BpdTest(parameterized.TestCase):
             return 0.5 * xt * d.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
 
         out = jax.jit(functools.partial(diffusion_lib.calc_bpd_loop, d, model_fn))(
-            self.x0, jax.random.PRNGKey(0)
+            self.x0, jax.random.key(0)
         )
         self.assertEqual(out['vb'].shape, (3, self.num_timesteps))
         self.assertEqual(out['mse'].shape, (3, self.num_timesteps))
@@ -419,7 +419,7 @@ class BpdTest(parameterized.TestCase):
     def test_a_perfect_model_pays_only_the_decoder_and_the_prior(self):
         d = _make('eps', 'fixedsmall', 'kl', num_timesteps=self.num_timesteps)
         out = diffusion_lib.calc_bpd_loop(
-            d, _oracle_model_fn(d, self.x0), self.x0, jax.random.PRNGKey(1)
+            d, _oracle_model_fn(d, self.x0), self.x0, jax.random.key(1)
         )
         np.testing.assert_allclose(out['vb'][:, 1:], 0.0, atol=1e-4)
         np.testing.assert_allclose(out['xstart_mse'], 0.0, atol=1e-8)

@@ -34,7 +34,7 @@ class EvaluateBpdTest(parameterized.TestCase):
         self.model = models.get_model(self.config)
         self.diffusion = train.create_diffusion(self.config)
         self.params = self.model.init(
-            jax.random.PRNGKey(0),
+            jax.random.key(0),
             np.zeros((1, 8, 8, 1), np.float32),
             np.zeros((1,), np.int32),
             train=False,
@@ -55,7 +55,7 @@ class EvaluateBpdTest(parameterized.TestCase):
     def test_padding_is_dropped_and_the_mean_is_over_real_images(self):
         mesh = parallel.create_mesh()
         bpd_fn = bpd.make_bpd_fn(self.model, self.diffusion, mesh)
-        rng = jax.random.PRNGKey(9)
+        rng = jax.random.key(9)
         batches = [{'image': self.images[:4]}, {'image': self.images[4:]}]
         result = bpd.evaluate_bpd(bpd_fn, self.params, batches, mesh=mesh, batch_size=4, rng=rng)
         first = self._direct(self.images[:4], jax.random.fold_in(rng, 0))
@@ -83,7 +83,7 @@ class EvaluateBpdTest(parameterized.TestCase):
                 [{'image': self.images[:4]}],
                 mesh=mesh,
                 batch_size=4,
-                rng=jax.random.PRNGKey(seed),
+                rng=jax.random.key(seed),
             )['total_bpd']
 
         self.assertEqual(run(1), run(1))
@@ -96,7 +96,7 @@ class FidTest(parameterized.TestCase):
 
         with tempfile.TemporaryDirectory() as tmp:
             weights = os.path.join(tmp, 'inception.npz')
-            params = inception.random_params(jax.random.PRNGKey(0))
+            params = inception.random_params(jax.random.key(0))
             inception.save_params(weights, params, source_sha256='0' * 64)
             gen = np.random.default_rng(0)
             real = gen.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)

@@ -121,7 +121,7 @@ class GenerateTest(parameterized.TestCase):
             batch_size=7,
             image_shape=train.image_shape(config),
         )
-        expected = image_io.to_uint8(direct(self.params, jax.random.PRNGKey(0)))
+        expected = image_io.to_uint8(direct(self.params, jax.random.key(0)))
         np.testing.assert_array_equal(images, expected)
         self.assertFalse(os.path.exists(path + '.partial'))
 
@@ -200,12 +200,12 @@ _EIGHT_DEVICES = textwrap.dedent("""
     assert jax.device_count() == int(sys.argv[2]), jax.devices()
     config = tiny_config()
     model = models.get_model(config)
-    params = model.init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), np.float32),
+    params = model.init(jax.random.key(1), np.zeros((1, 8, 8, 1), np.float32),
                         np.zeros((1,), np.int32), train=False)['params']
     sample_fn = sampling.make_sample_fn(
         model, train.create_diffusion(config), batch_size=8, image_shape=(8, 8, 1),
         mesh=parallel.create_mesh())
-    images = sample_fn(params, jax.random.PRNGKey(5), 3)
+    images = sample_fn(params, jax.random.key(5), 3)
     assert len(images.sharding.device_set) == jax.device_count()
     np.save(sys.argv[1], np.asarray(images))
 """)

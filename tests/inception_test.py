@@ -66,7 +66,7 @@ class InceptionTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.params = inception.random_params(jax.random.PRNGKey(0))
+        cls.params = inception.random_params(jax.random.key(0))
 
     def test_the_network_has_torchvisions_inception_v3_size_with_1008_classes(self):
         # torchvision's inception_v3 has 27,161,264 parameters with its auxiliary classifier
@@ -232,7 +232,7 @@ _SHARDED = textwrap.dedent("""
     from diffusion_jax import parallel
     from diffusion_jax.evaluation import inception
     assert jax.device_count() == 2
-    params = inception.random_params(jax.random.PRNGKey(0))
+    params = inception.random_params(jax.random.key(0))
     images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     sharded_fn = inception.make_feature_fn(params, mesh=parallel.create_mesh())
     sharded = sharded_fn(images)

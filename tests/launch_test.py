@@ -198,7 +198,9 @@ class DryRunTest(parameterized.TestCase):
         remote = flag(ssh, '--command')
         self.assertIn('tar -xzf ~/diffusion_jax.tar.gz -C ~/diffusion_jax;', remote)
         self.assertIn('--python 3.12 ~/diffusion_jax-venv', remote)
-        self.assertIn('pip install -q --python ~/diffusion_jax-venv/bin/python -e ".[tpu]"', remote)
+        self.assertIn(
+            'pip install -q --python ~/diffusion_jax-venv/bin/python -e ".[tpu,tfds]"', remote
+        )
 
     def test_the_tarball_setup_packs_holds_the_package(self):
         (archive, *_) = dry_run('setup', *TPU)

@@ -77,7 +77,7 @@ class AncestralTest(parameterized.TestCase):
         sample_fn = sampling.make_sample_fn(
             ScaleModel(), d, batch_size=batch, image_shape=SHAPE, clip_denoised=False
         )
-        rng = jax.random.PRNGKey(7)
+        rng = jax.random.key(7)
         got = np.asarray(sample_fn({'w': jnp.float32(0.3)}, rng))
         for i in range(batch):
             x = _keys_noise(rng, i, 0)
@@ -104,25 +104,25 @@ class AncestralTest(parameterized.TestCase):
             num_steps=num_steps,
             eta=eta,
         )
-        np.testing.assert_allclose(sample_fn({}, jax.random.PRNGKey(0)), 0.42, atol=1e-4)
+        np.testing.assert_allclose(sample_fn({}, jax.random.key(0)), 0.42, atol=1e-4)
 
     def test_image_i_depends_only_on_the_key_and_its_index(self):
         d = _diffusion(10)
         params = {'w': jnp.float32(0.3)}
-        rng = jax.random.PRNGKey(3)
+        rng = jax.random.key(3)
         big = sampling.make_sample_fn(ScaleModel(), d, batch_size=6, image_shape=SHAPE)
         small = sampling.make_sample_fn(ScaleModel(), d, batch_size=3, image_shape=SHAPE)
         all_six = big(params, rng)
         np.testing.assert_array_equal(small(params, rng, 0), all_six[:3])
         np.testing.assert_array_equal(small(params, rng, 3), all_six[3:])
-        self.assertFalse(np.allclose(small(params, jax.random.PRNGKey(4)), all_six[:3]))
+        self.assertFalse(np.allclose(small(params, jax.random.key(4)), all_six[:3]))
 
     def test_sampler_compiles_once_and_its_program_does_not_grow_with_t(self):
         sizes = []
         for num_t in (10, 200):
             d = _diffusion(num_t)
             sample_fn = sampling.make_sample_fn(ScaleModel(), d, batch_size=2, image_shape=SHAPE)
-            jaxpr = jax.make_jaxpr(sample_fn)({'w': jnp.float32(0.3)}, jax.random.PRNGKey(0))
+            jaxpr = jax.make_jaxpr(sample_fn)({'w': jnp.float32(0.3)}, jax.random.key(0))
             sizes.append(len(str(jaxpr)))
             self.assertIn('scan', str(jaxpr))
         # Only the embedded schedule constants differ in length, not the number of steps traced.
@@ -139,8 +139,8 @@ class AncestralTest(parameterized.TestCase):
                 return traced(x, t)
 
         sample_fn = sampling.make_sample_fn(Counted(), d, batch_size=2, image_shape=SHAPE)
-        sample_fn({}, jax.random.PRNGKey(0)).block_until_ready()
-        sample_fn({}, jax.random.PRNGKey(1)).block_until_ready()  # no second trace
+        sample_fn({}, jax.random.key(0)).block_until_ready()
+        sample_fn({}, jax.random.key(1)).block_until_ready()  # no second trace
 
     def test_ddim_with_eta_0_is_a_deterministic_map_of_x_t(self):
         # DDIM eq. 12 with sigma = 0, in NumPy float64 on the kept steps: only x_T is random.
@@ -158,7 +158,7 @@ class AncestralTest(parameterized.TestCase):
             eta=0.0,
             clip_denoised=False,
         )
-        rng = jax.random.PRNGKey(11)
+        rng = jax.random.key(11)
         params = {'w': jnp.float32(0.3)}
         got = np.asarray(sample_fn(params, rng))
         np.testing.assert_array_equal(got, sample_fn(params, rng))
@@ -182,11 +182,11 @@ class AncestralTest(parameterized.TestCase):
         kwargs = dict(batch_size=64, image_shape=SHAPE)
         ddim = sampling.make_sample_fn(model, d_small, sampler='ddim', eta=1.0, **kwargs)
         ancestral = sampling.make_sample_fn(model, d_small, sampler='ancestral', **kwargs)
-        params, rng = {'w': jnp.float32(0.3)}, jax.random.PRNGKey(2)
+        params, rng = {'w': jnp.float32(0.3)}, jax.random.key(2)
         a, b = np.asarray(ancestral(params, rng)), np.asarray(ddim(params, rng))
         np.testing.assert_allclose(b, a, atol=1e-4)
         # And in distribution over fresh noise: equal mean and spread across 64 x 16 pixels.
-        c = np.asarray(ddim(params, jax.random.PRNGKey(3)))
+        c = np.asarray(ddim(params, jax.random.key(3)))
         self.assertLess(abs(c.mean() - a.mean()), 4 * a.std() / math.sqrt(a.size))
         self.assertLess(abs(c.std() / a.std() - 1), 0.1)
 
@@ -200,7 +200,7 @@ class AncestralTest(parameterized.TestCase):
             sampler=sampler,
             num_steps=num_steps,
         )
-        jaxpr = jax.make_jaxpr(sample_fn)({'w': jnp.float32(0.3)}, jax.random.PRNGKey(0))
+        jaxpr = jax.make_jaxpr(sample_fn)({'w': jnp.float32(0.3)}, jax.random.key(0))
         scans = _scan_lengths(jaxpr.jaxpr)
         self.assertEqual(scans, [length])  # one scan, no Python loop unrolled around it
 
@@ -210,7 +210,7 @@ class AncestralTest(parameterized.TestCase):
         sample_fn = sampling.make_sample_fn(
             model, d, batch_size=2, image_shape=SHAPE, return_trajectory=True
         )
-        images, trajectory = sample_fn({}, jax.random.PRNGKey(0))
+        images, trajectory = sample_fn({}, jax.random.key(0))
         self.assertEqual(trajectory.shape, (2, sampling.NUM_TRAJECTORY_FRAMES, *SHAPE))
         np.testing.assert_allclose(trajectory[:, -1], images, atol=1e-6)
         self.assertTrue(bool(jnp.all(jnp.abs(trajectory) <= 1.0)))
@@ -260,7 +260,7 @@ class InterpolationTest(parameterized.TestCase):
         )
         gen = np.random.default_rng(0)
         a, b = (gen.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(2))
-        rng = jax.random.PRNGKey(3)
+        rng = jax.random.key(3)
         got = np.asarray(interpolate_fn({'w': jnp.float32(0.3)}, a, b, rng))
         self.assertEqual(got.shape, (num_lambdas, *SHAPE))
         # The documented draws: the encoder noise from split(rng)[0], shared by both sources;

@@ -75,7 +75,7 @@ class TrainLoopTest(parameterized.TestCase):
             init = train_state_lib.create_train_state(
                 models.get_model(config),
                 optax.identity(),
-                jax.random.split(jax.random.PRNGKey(config.training.seed), 3)[0],
+                jax.random.split(jax.random.key(config.training.seed), 3)[0],
                 train.image_shape(config),
             )
             before = _fixed_batch_loss(config, init.params)
@@ -125,7 +125,7 @@ class TrainStepTest(parameterized.TestCase):
         config = tiny_config()
         model = models.get_model(config)
         tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
         step = jax.jit(
             lambda s, b, r: train.train_step(
                 s,
@@ -137,11 +137,11 @@ class TrainStepTest(parameterized.TestCase):
             )
         )
         batch = {'image': jnp.zeros((4, 8, 8, 1))}
-        s1, m1 = step(state, batch, jax.random.PRNGKey(1))
+        s1, m1 = step(state, batch, jax.random.key(1))
         # The original warm-up is lr * step / warmup: zero at step 0, so nothing moves.
         self.assertEqual(float(m1['learning_rate']), 0.0)
         self.assertTrue(_leaves_equal(s1.params, state.params))
-        s2, m2 = step(s1, batch, jax.random.PRNGKey(1))
+        s2, m2 = step(s1, batch, jax.random.key(1))
         expected_lr = config.optim.learning_rate / config.optim.warmup_steps
         self.assertAlmostEqual(float(m2['learning_rate']), expected_lr, places=9)
         for p_new, e_old, e_new in zip(
@@ -159,7 +159,7 @@ class TrainStepTest(parameterized.TestCase):
         config.optim.warmup_steps = 0
         model = models.get_model(config)
         tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
         step = jax.jit(
             functools.partial(
                 train.train_step,
@@ -171,13 +171,13 @@ class TrainStepTest(parameterized.TestCase):
         clean = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
         poisoned = clean.copy()
         poisoned[2, 3, 4, 0] = np.nan
-        s1, m1 = step(state, {'image': jnp.asarray(poisoned)}, jax.random.PRNGKey(1))
+        s1, m1 = step(state, {'image': jnp.asarray(poisoned)}, jax.random.key(1))
         self.assertEqual(float(m1['nonfinite']), 1.0)
         self.assertEqual(int(s1.step), 1)
         self.assertTrue(_leaves_equal(s1.params, state.params))
         self.assertTrue(_leaves_equal(s1.ema_params, state.ema_params))
         self.assertTrue(_leaves_equal(s1.opt_state, state.opt_state))
-        s2, m2 = step(s1, {'image': jnp.asarray(clean)}, jax.random.PRNGKey(1))
+        s2, m2 = step(s1, {'image': jnp.asarray(clean)}, jax.random.key(1))
         self.assertEqual(float(m2['nonfinite']), 0.0)
         self.assertFalse(_leaves_equal(s2.params, s1.params))
 
@@ -212,7 +212,7 @@ class TrainStepTest(parameterized.TestCase):
             target = train_state_lib.create_train_state(
                 models.get_model(config),
                 train_state_lib.create_optimizer(config.optim)[0],
-                jax.random.PRNGKey(0),
+                jax.random.key(0),
                 (8, 8, 1),
             )
             restored, _ = ckpt.restore(target)
@@ -224,9 +224,9 @@ class TrainStepTest(parameterized.TestCase):
         d = train.create_diffusion(config)
         model = models.get_model(config)
         tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-        state = train_state_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
         batch = {'image': jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)))}
-        rng = jax.random.PRNGKey(5)
+        rng = jax.random.key(5)
         step = jax.jit(
             lambda s, b, r: train.train_step(
                 s, b, r, diffusion=d, ema_decay=0.9, learning_rate_fn=lr_fn
@@ -259,12 +259,12 @@ _EIGHT_DEVICES = textwrap.dedent(
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.create_mesh(devices)
-        state = tsl.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 1))
+        state = tsl.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
         state = jax.device_put(state, parallel.replicated(mesh))
         step = train.make_jit_train_step(config, d, lr_fn, mesh)
         for _ in range(3):
             b = jax.device_put(batch, parallel.batch_sharding(mesh))
-            state, metrics = step(state, b, jax.random.PRNGKey(1))
+            state, metrics = step(state, b, jax.random.key(1))
         results.append((jax.device_get(state.params), float(metrics['loss'])))
     (p1, l1), (p8, l8) = results
     np.testing.assert_allclose(l8, l1, rtol=1e-5)

@@ -166,7 +166,7 @@ def _augment(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 def train_classifier() -> DigitsClassifier:
     """Trains the CNN on the train split with the fixed recipe (deterministic on one platform)."""
     images, labels = _augment(*load_real_digits('train'))
-    params = _NET.init(jax.random.PRNGKey(_SEED), jnp.zeros((1, *IMAGE_SHAPE)))['params']
+    params = _NET.init(jax.random.key(_SEED), jnp.zeros((1, *IMAGE_SHAPE)))['params']
     steps_per_epoch = images.shape[0] // _BATCH_SIZE
     tx = optax.adam(optax.cosine_decay_schedule(_LEARNING_RATE, _NUM_EPOCHS * steps_per_epoch))
     opt_state = tx.init(params)
@@ -225,7 +225,7 @@ def _load_params(path: str):
         logging.warning('Ignoring unreadable digits classifier cache %s: %s', path, e)
         return None
     version = arrays.pop('version', None)
-    expected = jax.eval_shape(_NET.init, jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))
+    expected = jax.eval_shape(_NET.init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
     expected_shapes = {
         name: leaf.shape
         for name, leaf in traverse_util.flatten_dict(expected['params'], sep='/').items()
