@@ -42,6 +42,7 @@ _SLOW_FIRST = (
     'fault_injection_test.py',
     'test_the_cifar10_recipe_runs_on_mock_data',
     'test_a_short_digits_run_learns',
+    'test_train_sample_eval_on_digits_load_no_tensorflow',
     'test_fid_and_is_with_random_inception_weights',
     'test_resumed_run_is_bit_identical',
     'MultiDeviceTest',
