@@ -232,6 +232,17 @@ def missing_keys(results: dict) -> list[str]:
     return missing
 
 
+def _row(label: str, row: dict, theirs: dict | None, key: str, fmt: str, unit: str) -> str:
+    """One table row: ours, the peer's, their ratio and our MFU (a '-' where missing)."""
+    their_text = f'{theirs[key]:{fmt}} {unit}' if theirs else '-'
+    ratio = f'{row[key] / theirs[key]:.2f}x' if theirs else '-'
+    mfu = f'{100 * row["mfu"]:.1f}%' if row.get('mfu') is not None else '-'
+    return (
+        f'| {label}, batch {row["batch_size"]} | {row[key]:{fmt}} {unit} | {their_text} | '
+        f'{ratio} | {mfu} |'
+    )
+
+
 def _table(results: dict) -> str:
     lines = ['| step | status | seconds |', '|---|---|---:|']
     for name, step in results['steps'].items():
@@ -245,24 +256,11 @@ def _table(results: dict) -> str:
     peer = bench.get('peer', {}) if bench.get('peer', {}).get('status') == 'ok' else {}
     for dtype, row in bench.get('train', {}).items():
         theirs = peer.get('train', {}).get(dtype)
-        their_text = f'{theirs["steps_per_s"]:.2f} steps/s' if theirs else '-'
-        ratio = f'{row["steps_per_s"] / theirs["steps_per_s"]:.2f}x' if theirs else '-'
-        mfu = f'{100 * row["mfu"]:.1f}%' if row.get('mfu') is not None else '-'
-        lines.append(
-            f'| train {dtype}, batch {row["batch_size"]} | '
-            f'{row["steps_per_s"]:.2f} steps/s | {their_text} | {ratio} | {mfu} |'
-        )
+        lines.append(_row(f'train {dtype}', row, theirs, 'steps_per_s', '.2f', 'steps/s'))
     for name, row in bench.get('sampling', {}).items():
-        if not isinstance(row, dict) or 'images_per_s' not in row:
-            continue
-        theirs = peer.get('sampling', {}).get(name)
-        ratio = f'{row["images_per_s"] / theirs["images_per_s"]:.2f}x' if theirs else '-'
-        their_text = f'{theirs["images_per_s"]:.3g} img/s' if theirs else '-'
-        mfu = f'{100 * row["mfu"]:.1f}%' if row.get('mfu') is not None else '-'
-        lines.append(
-            f'| {name}, batch {row["batch_size"]} | {row["images_per_s"]:.3g} img/s | '
-            f'{their_text} | {ratio} | {mfu} |'
-        )
+        if isinstance(row, dict) and 'images_per_s' in row:
+            theirs = peer.get('sampling', {}).get(name)
+            lines.append(_row(name, row, theirs, 'images_per_s', '.3g', 'img/s'))
     for name, row in results['sampling_50k'].items():
         minutes = '-' if row['minutes'] is None else f'{row["minutes"]:.1f} min'
         lines.append(f'| 50k samples, {name} | {minutes} | | | |')
