@@ -98,7 +98,7 @@ class Runner:
         self.steps: dict[str, dict] = {}
 
     def run(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> str:
-        """Runs `argv` as step `name`; returns its stdout ('' on failure or timeout)."""
+        """Runs `argv` as step `name`; returns its stdout (what it printed, even on failure)."""
         limit = min(GPU_LIMITS_S[name] * self.scale, self.deadline - time.monotonic())
         if limit < 5:
             self.steps[name] = {'status': 'skipped', 'why': 'the overall budget is spent'}
@@ -132,7 +132,7 @@ class Runner:
             'returncode': proc.returncode,
         }
         self._log(f'== {name}: {status} in {seconds:.1f} s (exit {proc.returncode})\n')
-        return stdout if status == 'ok' else ''
+        return stdout
 
     def _log(self, text: str) -> None:
         with open(self.log_path, 'a') as log:
@@ -208,11 +208,8 @@ def _digits_summary(workdir: str, seconds: float | None) -> dict:
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     if os.path.isdir(ckpt_dir):
         record['checkpoints'] = sorted(os.listdir(ckpt_dir))
-    record['sample_grids'] = (
-        sorted(os.listdir(os.path.join(workdir, 'samples')))
-        if os.path.isdir(os.path.join(workdir, 'samples'))
-        else []
-    )
+    samples = os.path.join(workdir, 'samples')
+    record['sample_grids'] = sorted(os.listdir(samples)) if os.path.isdir(samples) else []
     return record
 
 
@@ -291,13 +288,14 @@ def main() -> int:
     py = sys.executable
 
     environment = runner.run('environment', [py, '-c', _ENV_SCRIPT])
-    environment = json.loads(environment.strip().splitlines()[-1]) if environment else {}
+    ok = runner.steps['environment']['status'] == 'ok'
+    environment = json.loads(environment.strip().splitlines()[-1]) if ok else {}
 
     # LLVM -O0: the tests compile their small programs (on the CPU as reference too) fast.
     gpu_env = {'XLA_FLAGS': '--xla_backend_optimization_level=0'}
     if args.rehearse:
         gpu_env['DIFFUSION_JAX_GPU_TESTS_ON_CPU'] = '1'
-    runner.run(
+    tests_out = runner.run(
         'gpu_tests',
         [
             py,
@@ -314,10 +312,8 @@ def main() -> int:
         ],
         gpu_env,
     )
-    with open(runner.log_path) as f:
-        log_text = f.read()
-    tests_part = log_text.rsplit('== gpu_tests (', 1)[-1].split('== gpu_tests:', 1)[0]
-    gpu_tests = _pytest_counts(tests_part.strip().splitlines()[-1] if tests_part.strip() else '')
+    lines = tests_out.strip().splitlines()
+    gpu_tests = _pytest_counts(lines[-1] if lines else '')
 
     peer_path = os.path.join(args.out, 'peer.json')
     runner.run(

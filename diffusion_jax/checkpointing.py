@@ -33,10 +33,6 @@ _STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 _STEP_RE = re.compile(r'0|[1-9]\d*')
 
 
-_SAVE_ARGS = {'state': ocp.args.StandardSave, 'meta': ocp.args.JsonSave}
-_RESTORE_ARGS = {'state': ocp.args.StandardRestore, 'meta': ocp.args.JsonRestore}
-
-
 class CheckpointError(ValueError):
     """No requested checkpoint could be restored."""
 
@@ -132,13 +128,9 @@ class Checkpointer:
         _report_interrupted_saves(epath.Path(directory))
         self._name_format = _CompleteStepsNameFormat(ocp.path.step.standard_name_format())
         policies = ocp.checkpoint_managers
-        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        for item, handler in (
-            ('state', ocp.StandardCheckpointHandler),
-            ('meta', ocp.JsonCheckpointHandler),
-        ):
-            registry.add(item, _SAVE_ARGS[item], handler)
-            registry.add(item, _RESTORE_ARGS[item], handler)
+        registry = ocp.handlers.create_default_handler_registry(
+            state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+        )
         self._manager = ocp.CheckpointManager(
             directory,
             handler_registry=registry,
