@@ -27,8 +27,7 @@ from absl import app, flags, logging
 
 from configs import digits
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import input_pipeline, models, parallel, train
-from diffusion_jax import train_state as train_state_lib
+from diffusion_jax import experiment, input_pipeline, models, parallel, train
 
 _STEPS = flags.DEFINE_integer('steps', 8000, 'Train steps per run (the digits default: 8000).')
 _OUT = flags.DEFINE_string('out', None, 'Directory for precision.json and precision.png.')
@@ -57,7 +56,7 @@ def eval_loss(config: ml_collections.ConfigDict, params) -> float:
     """
     images = input_pipeline.to_float(input_pipeline.load_images(config.data, 'test'))
     x_start = jnp.asarray(np.tile(images, (EVAL_DRAWS, 1, 1, 1)))
-    diffusion = train.create_diffusion(config)
+    diffusion = experiment.create_diffusion(config)
     t_rng, noise_rng = jax.random.split(jax.random.key(0))
     t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape)
@@ -84,19 +83,15 @@ def train_run(config: ml_collections.ConfigDict) -> dict:
     """
     mesh = parallel.create_mesh()
     init_rng, train_rng, _ = jax.random.split(jax.random.key(config.training.seed), 3)
-    model = models.get_model(config)
-    tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
-    state = train_state_lib.create_train_state(model, tx, init_rng, train.image_shape(config))
-    state = jax.device_put(state, parallel.replicated(mesh))
+    exp = experiment.build(config)
+    state = exp.init_state(init_rng, mesh)
     batches = parallel.prefetch_to_mesh(
         input_pipeline.train_iterator(
             config.data, global_batch_size=config.training.batch_size, seed=config.training.seed
         ),
         mesh,
     )
-    step_fn = train.make_jit_train_step(
-        config, train.create_diffusion(config), learning_rate_fn, mesh
-    )
+    step_fn = train.make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
     batch = next(batches)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, train_rng).compile()

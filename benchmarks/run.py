@@ -39,8 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import memory, peaks, report, suites
-from diffusion_jax import models, parallel, sampling, train
-from diffusion_jax import train_state as train_state_lib
+from diffusion_jax import experiment, parallel, sampling, train
 
 _SUITE = flags.DEFINE_enum('suite', 'cpu', tuple(suites.SUITES), 'Which sizes to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
@@ -110,18 +109,14 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
     """Times the jitted train step on a fixed random batch [B, S, S, C] in [-1, 1]."""
     config, s = suites.get_config(suite, dtype=dtype), suites.SUITES[suite]
     mesh = parallel.create_mesh()
-    model = models.get_model(config)
-    tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-    state = train_state_lib.create_train_state(
-        model, tx, jax.random.key(0), train.image_shape(config)
-    )
-    num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    exp = experiment.build(config)
+    num_params = exp.num_params
     assert num_params == s.num_params, f'{num_params:,} parameters, the suite says {s.num_params:,}'
-    state = jax.device_put(state, parallel.replicated(mesh))
-    images = np.random.default_rng(0).uniform(-1, 1, (s.train_batch, *train.image_shape(config)))
+    state = exp.init_state(jax.random.key(0), mesh)
+    images = np.random.default_rng(0).uniform(-1, 1, (s.train_batch, *exp.image_shape))
     batch = parallel.global_batch({'image': images.astype(np.float32)}, mesh)
     rng = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
-    step_fn = train.make_jit_train_step(config, train.create_diffusion(config), lr_fn, mesh)
+    step_fn = train.make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -155,17 +150,18 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
 def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, dtype='float32'):
     config = suites.get_config(suite, num_timesteps, dtype)
     batch_size = suites.SUITES[suite].sample_batch
-    model = models.get_model(config)
+    exp = experiment.build(config)
+    model = exp.model
     fn = sampling.make_sample_fn(
         model,
-        train.create_diffusion(config),
+        exp.diffusion,
         batch_size=batch_size,
-        image_shape=train.image_shape(config),
+        image_shape=exp.image_shape,
         sampler=sampler,
         num_steps=num_steps,
         mesh=parallel.create_mesh(),
     )
-    shape = (1, *train.image_shape(config))
+    shape = (1, *exp.image_shape)
     params = jax.jit(
         lambda r: model.init(r, np.zeros(shape, np.float32), np.zeros((1,), np.int32), train=False)[
             'params'

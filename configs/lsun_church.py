@@ -1,20 +1,9 @@
-"""DDPM on LSUN church_outdoor 256x256 (Ho et al. 2020, Table 3: FID 7.89).
+"""The paper's LSUN Church 256x256 model: `--config=configs/lsun_church.py`.
 
-The original `scripts/run_lsun.py` church model: the CelebA-HQ 256x256 architecture (113.7M
-parameters), trained at lr 2e-5, batch 64, for 1.2M steps.
-
-    python -m diffusion_jax.main --config=configs/lsun_church.py --workdir=/tmp/ddpm_church
+The config itself is `diffusion_jax/configs/lsun_church.py`, inside the package, so that a wheel
+install and `diffusion_jax.convert` have it too; this file lets the command line name it by path.
 """
 
-import ml_collections
+from diffusion_jax.configs.lsun_church import get_config
 
-from configs import celeba_hq
-
-
-def get_config() -> ml_collections.ConfigDict:
-    """Returns the LSUN church configuration: the CelebA-HQ config plus its deltas."""
-    config = celeba_hq.get_config()
-    config.data.dataset = 'lsun/church_outdoor'
-    config.data.eval_split = 'validation'
-    config.training.num_train_steps = 1_200_000
-    return config
+__all__ = ['get_config']

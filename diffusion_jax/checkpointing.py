@@ -27,13 +27,15 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from diffusion_jax import errors
+
 # Written into the step directory before orbax finalizes it (atomic rename locally, commit file
 # on GCS); its absence marks a step directory that orbax did not finish.
 _STEP_METADATA_FILE = '_CHECKPOINT_METADATA'
 _STEP_RE = re.compile(r'0|[1-9]\d*')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """No requested checkpoint could be restored."""
 
 

@@ -24,9 +24,12 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import ml_collections
+from absl import logging
+
+from diffusion_jax import errors, options
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
     """A bad config or config file; the message has one line per problem."""
 
 
@@ -46,7 +49,6 @@ class Field(NamedTuple):
     nonempty: bool = False
 
 
-_DTYPES = ('float32', 'bfloat16', 'float16')
 _POSITIVE = '[1, inf)'  # for ints
 _NON_NEGATIVE = '[0, inf)'
 
@@ -60,7 +62,7 @@ SCHEMA: dict[str, Field] = {
     'data.random_flip': Field(bool),
     'data.train_split': Field(str, nonempty=True),
     'data.eval_split': Field(str, nonempty=True),
-    'model.name': Field(str, choices=('ddpm_unet',)),
+    'model.name': Field(str, choices=options.MODELS),
     'model.ch': Field(int, bounds=_POSITIVE),
     'model.ch_mult': Field(tuple, bounds=_POSITIVE, nonempty=True),
     'model.num_res_blocks': Field(int, bounds=_POSITIVE),
@@ -68,17 +70,15 @@ SCHEMA: dict[str, Field] = {
     'model.dropout': Field(float, bounds='[0, 1)'),
     'model.resamp_with_conv': Field(bool),
     'model.num_groups': Field(int, bounds=_POSITIVE),
-    'model.dtype': Field(str, choices=_DTYPES),
-    'model.param_dtype': Field(str, choices=_DTYPES),
+    'model.dtype': Field(str, choices=options.DTYPES),
+    'model.param_dtype': Field(str, choices=options.DTYPES),
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
-    'diffusion.beta_schedule': Field(str, choices=('linear', 'quad', 'cosine', 'const', 'jsd')),
+    'diffusion.beta_schedule': Field(str, choices=options.BETA_SCHEDULES),
     'diffusion.beta_start': Field(float),  # range depends on the schedule: _check_betas
     'diffusion.beta_end': Field(float),
-    'diffusion.model_mean_type': Field(str, choices=('eps', 'xstart', 'xprev')),
-    'diffusion.model_var_type': Field(
-        str, choices=('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
-    ),
-    'diffusion.loss_type': Field(str, choices=('mse', 'kl', 'rescaled_kl', 'hybrid')),
+    'diffusion.model_mean_type': Field(str, choices=options.MODEL_MEAN_TYPES),
+    'diffusion.model_var_type': Field(str, choices=options.MODEL_VAR_TYPES),
+    'diffusion.loss_type': Field(str, choices=options.LOSS_TYPES),
     'training.batch_size': Field(int, bounds=_POSITIVE),
     'training.num_train_steps': Field(int, bounds=_NON_NEGATIVE),
     'training.log_every_steps': Field(int, bounds=_POSITIVE),
@@ -88,7 +88,7 @@ SCHEMA: dict[str, Field] = {
     'training.seed': Field(int),
     'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
     'training.allow_config_change': Field(bool),
-    'optim.optimizer': Field(str, choices=('adam', 'adamw')),
+    'optim.optimizer': Field(str, choices=options.OPTIMIZERS),
     'optim.learning_rate': Field(float, bounds='(0, inf)'),
     'optim.warmup_steps': Field(int, bounds=_NON_NEGATIVE),
     'optim.grad_clip': Field(float, bounds=_NON_NEGATIVE),  # 0 disables
@@ -97,7 +97,7 @@ SCHEMA: dict[str, Field] = {
     'optim.beta2': Field(float, bounds='(0, 1)'),
     'optim.eps': Field(float, bounds='(0, inf)'),
     'optim.ema_decay': Field(float, bounds='[0, 1)'),
-    'sampling.sampler': Field(str, choices=('ancestral', 'ddim')),
+    'sampling.sampler': Field(str, choices=options.SAMPLERS),
     'sampling.num_steps': Field(int, nullable=True, bounds=_POSITIVE),  # <= T: _check_num_steps
     'sampling.eta': Field(float, bounds=_NON_NEGATIVE),
     'sampling.clip_denoised': Field(bool),
@@ -272,7 +272,7 @@ def _check_resolutions(v: dict[str, Any]) -> Iterator[str]:
     if not _have(v, 'data.image_size', 'model.ch_mult'):
         return
     size, levels = v['data.image_size'], len(v['model.ch_mult'])
-    factor = 2 ** (levels - 1)
+    factor = options.downsampling_factor(v['model.ch_mult'])
     if size % factor:
         lower = size // factor * factor
         sizes = ' or '.join(str(s) for s in (lower, lower + factor) if s > 0)
@@ -282,7 +282,7 @@ def _check_resolutions(v: dict[str, Any]) -> Iterator[str]:
         fix = f'use a multiple of {factor} such as {sizes}, or at most {levels_text} in ch_mult'
         yield _line('data.image_size', what, fix)
         return
-    seen = [size // 2**i for i in range(levels)]
+    seen = options.unet_resolutions(size, v['model.ch_mult'])
     if bad := [r for r in v.get('model.attn_resolutions') or () if r not in seen]:
         if len(bad) == 1:
             what = f'resolution {bad[0]} never occurs'
@@ -325,15 +325,8 @@ def _check_loss_and_variance(v: dict[str, Any]) -> Iterator[str]:
     loss, var = v.get('diffusion.loss_type'), v.get('diffusion.model_var_type')
     if loss is None or var is None:
         return
-    learned = var in ('learned', 'learned_range')
-    if loss == 'mse' and learned:
-        what = f"'mse' never trains diffusion.model_var_type {var!r}"
-        fix = "use model_var_type 'fixedlarge' or 'fixedsmall', or loss_type 'hybrid'"
-        yield _line('diffusion.loss_type', what, fix)
-    if loss == 'hybrid' and not learned:
-        what = f"'hybrid' trains a learned variance, but diffusion.model_var_type is {var!r}"
-        fix = "set model_var_type to 'learned' or 'learned_range', or use loss_type 'mse'"
-        yield _line('diffusion.loss_type', what, fix)
+    if problem := options.loss_and_variance_problem(loss, var):
+        yield _line('diffusion.loss_type', *problem)
 
 
 def _check_weight_decay(v: dict[str, Any]) -> Iterator[str]:
@@ -409,9 +402,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError('\n'.join(problems))
 
 
-# What a checkpoint's parameters and their meaning depend on: resuming with other values is
-# refused unless config.training.allow_config_change.
-RESUME_KEYS = (
+# What a checkpoint's weights mean: the network, the diffusion it was trained for and the image
+# format. Everything else (data locations, training, optimizer, sampling and eval settings) is
+# free to change between the run that saved a checkpoint and the run that uses it.
+WEIGHT_KEYS = (
     *(key for key in SCHEMA if key.startswith(('model.', 'diffusion.'))),
     'data.image_size',
     'data.num_channels',
@@ -419,38 +413,79 @@ RESUME_KEYS = (
 
 
 def _comparable(value: Any) -> Any:
-    """JSON turns tuples into lists; compare both as lists."""
-    return list(value) if isinstance(value, tuple | list) else value
+    """JSON turns tuples into lists; compare both as tuples."""
+    return tuple(value) if isinstance(value, tuple | list) else value
 
 
-def resume_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-    """The `RESUME_KEYS` whose value in `config` differs from the checkpoint's saved config.
+def split_stored_config(stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits a checkpoint's stored config into what defines its weights and what is free.
 
     Args:
-        saved: the config dict stored with a checkpoint (its meta['config']).
+        stored: the config dict saved with a checkpoint (its meta['config']), sections of keys.
+
+    Returns:
+        (weights, free): `{'section.key': value}` of the `WEIGHT_KEYS` present in `stored`, and of
+        every other key; lists (JSON's tuples) come back as tuples.
+    """
+    weights, free = {}, {}
+    for section, keys in stored.items():
+        for key, value in keys.items() if isinstance(keys, dict) else ():
+            dotted = f'{section}.{key}'
+            (weights if dotted in WEIGHT_KEYS else free)[dotted] = _comparable(value)
+    return weights, free
+
+
+def weight_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """The `WEIGHT_KEYS` whose value in `config` differs from a checkpoint's stored config.
+
+    Training refuses to resume with any of them (unless config.training.allow_config_change).
+
+    Args:
+        stored: the config dict saved with a checkpoint (its meta['config']).
         config: the config of the run about to resume.
 
     Returns:
         One 'config.<key>: checkpoint <old>, now <new>' line per differing key (a key missing
-        from `saved` counts as differing), in schema order; empty when the run may resume.
+        from `stored` counts as differing), in schema order; empty when the run may resume.
     """
+    weights, _ = split_stored_config(stored)
     changes = []
-    for key in RESUME_KEYS:
+    for key in WEIGHT_KEYS:
         section, name = key.split('.')
-        old = saved.get(section, {}).get(name, _MISSING)
-        new = config[section][name]
-        if old is _MISSING or _comparable(old) != _comparable(new):
-            shown = 'absent' if old is _MISSING else repr(_comparable(old))
-            changes.append(f'config.{key}: checkpoint {shown}, now {_comparable(new)!r}')
+        old, new = weights.get(key, _MISSING), _comparable(config[section][name])
+        if old is _MISSING or old != new:
+            shown = 'absent' if old is _MISSING else repr(old)
+            changes.append(f'config.{key}: checkpoint {shown}, now {new!r}')
     return changes
+
+
+def with_checkpoint_weights(
+    stored: dict[str, Any], config: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """A copy of `config` with the `WEIGHT_KEYS` of a checkpoint's stored config.
+
+    The weights only make sense with the network, diffusion and image format they were trained
+    with; everything else stays the caller's (sampling and eval settings, data locations). Each
+    value taken from the checkpoint that differs from `config`'s is logged. `config` is not
+    modified.
+    """
+    merged = ml_collections.ConfigDict(config.to_dict())
+    weights, _ = split_stored_config(stored)
+    for key, value in weights.items():
+        section, name = key.split('.')
+        current = _comparable(config[section].get(name))
+        if current != value:
+            logging.warning("config.%s: using the checkpoint's %r, not %r", key, value, current)
+        merged[section][name] = value
+    return merged
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Loads a config file the way `config_flags.DEFINE_config_file` does, without validating it.
 
     Args:
-        path: a Python file defining `get_config()`, e.g. 'configs/cifar10.py'. Files that import
-            `configs.*` need the repository root on sys.path (run from there).
+        path: a Python file defining `get_config()`, e.g. 'configs/cifar10.py'. A variant can
+            build on a shipped config with `from diffusion_jax.configs import cifar10`.
 
     Returns:
         The locked ConfigDict that `get_config()` returns (locked as with `lock_config=True`).

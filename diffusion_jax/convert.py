@@ -19,30 +19,27 @@ to_out.0 (older files: query, key, value, proj_attn) -> norm, q, k, v, proj_out.
 weight -> scale.
 """
 
-import functools
 import json
 import os
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 from flax import traverse_util
+from jax.sharding import Mesh
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from diffusion_jax import checkpointing, config_lib, image_io, models, parallel
+from diffusion_jax import checkpointing, config_lib, errors, experiment, image_io, parallel
 from diffusion_jax import train_state as train_state_lib
+from diffusion_jax.configs import cifar10
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'diffusion_pytorch_model.safetensors'
 SCHEDULER_FILE = 'scheduler_config.json'
-# The base config lives in the repository's configs/, next to this package.
-_BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'cifar10.py')
 
 # Setting -> (diffusers' default, the values with which UNet2DModel is the DDPM U-Net exactly).
 _FIXED = {
@@ -85,8 +82,8 @@ _OUR_NAMES = {'time_emb_proj': 'temb_proj', 'conv_shortcut': 'nin_shortcut'}
 _ATTENTION = {'group_norm': 'norm', 'to_q': 'q', 'to_k': 'k', 'to_v': 'v', 'to_out.0': 'proj_out'}
 
 
-class ConversionError(ValueError):
-    """A diffusers model our U-Net cannot represent exactly, or weights that do not fit it."""
+# A diffusers model our U-Net cannot represent exactly, or weights that do not fit it.
+ConversionError = errors.ConversionError
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -129,7 +126,7 @@ def _check_unet(unet: dict[str, Any], u: dict[str, Any]) -> None:
 def config_from_diffusers(
     unet: dict[str, Any], scheduler: dict[str, Any] | None = None
 ) -> ml_collections.ConfigDict:
-    """Our validated config: configs/cifar10.py with data, model and diffusion derived from these.
+    """Our validated config: the cifar10 config with data, model and diffusion derived from these.
 
     Args:
         unet: a diffusers `UNet2DModel` config.json; absent keys take diffusers' defaults.
@@ -143,7 +140,7 @@ def config_from_diffusers(
     channels = [int(c) for c in u['block_out_channels']]
     size = u['sample_size']
     size = int(size[0] if isinstance(size, list | tuple) else size)
-    config = config_lib.load_config_file(_BASE_CONFIG)
+    config = cifar10.get_config()
     config.data.image_size, config.data.num_channels = size, int(u['in_channels'])
     m = config.model
     m.ch, m.ch_mult = channels[0], tuple(c // channels[0] for c in channels)
@@ -272,7 +269,7 @@ def convert_tensors(
         config: the config `config_from_diffusers` derived from the model's config.json.
 
     Returns:
-        The nested float32 NumPy params of `models.get_model(config)`, e.g.
+        The nested float32 NumPy params of `experiment.build(config).model`, e.g.
         `params['conv_in']['kernel']`: [3, 3, C, ch]; checked against `model.init`'s tree.
 
     Raises:
@@ -283,11 +280,7 @@ def convert_tensors(
         raise ConversionError('the weights do not fit config.json: ' + '; '.join(problems))
     flat = {path: _transform(name, tensors[name], kind) for path, (name, kind) in plan.items()}
     # The tree model.init builds, without computing it.
-    size, channels = config.data.image_size, config.data.num_channels
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    init = functools.partial(models.get_model(config).init, train=False)
-    abstract = jax.eval_shape(init, jax.random.key(0), x, t)['params']
+    abstract = experiment.build(config).abstract_state.params
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
     problems = _differences(expected, flat, 'params')
     wrong = [p for p in sorted(set(flat) & set(expected)) if flat[p].shape != expected[p]]
@@ -331,8 +324,8 @@ def load_diffusers_unet(directory: str) -> tuple[ml_collections.ConfigDict, dict
 
     Returns:
         (config, params): the validated config (see `config_from_diffusers`) and nested float32
-        NumPy params for `models.get_model(config).apply({'params': params}, x, t, train=False)`
-        with x: [B, H, W, C] and t: [B] int.
+        NumPy params for `model.apply({'params': params}, x, t, train=False)`, the model of
+        `experiment.build(config)`, with x: [B, H, W, C] and t: [B] int.
 
     Raises:
         ConversionError: a missing file, an unsupported setting, or weights that do not fit.
@@ -353,41 +346,40 @@ def _has_checkpoints(workdir: str) -> bool:
     return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
 
 
-def write_workdir(config: ml_collections.ConfigDict, params: Any, workdir: str) -> None:
+def write_workdir(
+    config: ml_collections.ConfigDict, params: Any, workdir: str, mesh: Mesh | None = None
+) -> None:
     """Writes `workdir/config.json` and a step-0 checkpoint with params = EMA params = `params`.
 
     The state is built as `train.train_and_evaluate` builds it, so it restores like its own.
 
     Args:
         config: the config the params belong to (e.g. from `load_diffusers_unet`).
-        params: nested params of `models.get_model(config)`, e.g. from `load_diffusers_unet`.
+        params: nested params of `experiment.build(config).model`, e.g. from `load_diffusers_unet`.
         workdir: a new or empty workdir (local path or URL that orbax accepts).
+        mesh: the devices to place the state on; None: every device (`parallel.create_mesh`).
 
     Raises:
         ConversionError: `workdir/checkpoints` already holds checkpoints (nothing is written).
     """
     if _has_checkpoints(workdir):
         raise ConversionError(f'{workdir}/checkpoints already has checkpoints; use a new --workdir')
-    model, (tx, _) = models.get_model(config), train_state_lib.create_optimizer(config.optim)
+    exp = experiment.build(config)
     state = train_state_lib.TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx, ema_params=jax.tree.map(np.copy, params)
+        apply_fn=exp.model.apply, params=params, tx=exp.tx, ema_params=jax.tree.map(np.copy, params)
     )
-    # The state train_and_evaluate builds, as shapes only: initialising it would compile
-    # model.init (tens of seconds on a CPU) for parameters we replace anyway.
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    rng = jax.random.key(config.training.seed)
-    target = jax.eval_shape(lambda: train_state_lib.create_train_state(model, tx, rng, shape))
-    assert jax.eval_shape(lambda: state) == target, 'not the TrainState train_and_evaluate builds'
-    state = jax.device_put(state, parallel.replicated(parallel.create_mesh()))
+    # The state train_and_evaluate builds, as shapes only (`exp.abstract_state`): initialising it
+    # would compile model.init (tens of seconds on a CPU) for parameters we replace anyway.
+    if jax.eval_shape(lambda: state) != exp.abstract_state:
+        raise ConversionError('the converted parameters do not fit the network the config builds')
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    state = jax.device_put(state, parallel.replicated(mesh))
+    weights, _ = config_lib.split_stored_config(config.to_dict())
+    logging.info('the checkpoint defines %s', ', '.join(f'{k}={v!r}' for k, v in weights.items()))
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     with checkpointing.Checkpointer(ckpt_dir, keep=1, save_every_steps=1) as ckpt:  # closes
         ckpt.save(0, state, meta={'config': config.to_dict()}, force=True)
     image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
-
-
-def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f'error: {" ".join(message.split())}\n')  # one line
-    sys.exit(2)
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -409,21 +401,24 @@ def run(argv: list[str] | None = None) -> None:
         try:
             return flags.FLAGS(args)
         except flags.Error as e:
-            _fail(str(e))
+            errors.fail(str(e), one_line=True)
 
     def main(args: list[str]) -> None:
         if len(args) > 1:
-            _fail(f'unexpected arguments: {" ".join(args[1:])}')
+            errors.fail(f'unexpected arguments: {" ".join(args[1:])}', one_line=True)
         if _has_checkpoints(workdir.value):  # before any work, so nothing is touched
-            _fail(f'{workdir.value}/checkpoints already has checkpoints; use a new --workdir')
+            errors.fail(
+                f'{workdir.value}/checkpoints already has checkpoints; use a new --workdir',
+                one_line=True,
+            )
         try:
             config, params = load_diffusers_unet(source.value)
             if dataset.value:
                 config.data.dataset = dataset.value
                 config_lib.validate(config)
             write_workdir(config, params, workdir.value)
-        except (ValueError, OSError) as e:  # ConversionError and ConfigError are ValueErrors
-            _fail(str(e))
+        except (errors.UserError, OSError) as e:
+            errors.fail(str(e), one_line=True)
         logging.info('wrote %s: use it as --workdir of --mode=sample or eval', workdir.value)
 
     app.run(main, argv=argv, flags_parser=parse)

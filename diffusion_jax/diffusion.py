@@ -17,10 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODEL_MEAN_TYPES = ('eps', 'xprev', 'xstart')
-MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
-LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
-LEARNED_VAR_TYPES = ('learned', 'learned_range')
+from diffusion_jax import options
 
 # Improved DDPM, section 3.1: L_hybrid = L_simple + lambda * L_vlb with lambda = 0.001.
 HYBRID_VB_WEIGHT = 1e-3
@@ -68,19 +65,11 @@ class GaussianDiffusion:
         loss_type: str = 'mse',
     ) -> 'GaussianDiffusion':
         """Builds the tables from [T] betas (float64 recommended) and validates the options."""
-        _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
-        _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
-        _check_choice('loss_type', loss_type, LOSS_TYPES)
-        if loss_type == 'mse' and model_var_type in LEARNED_VAR_TYPES:
-            raise ValueError(
-                f"loss_type 'mse' cannot train model_var_type {model_var_type!r}; "
-                "use 'hybrid' or 'kl', or a fixed variance"
-            )
-        if loss_type == 'hybrid' and model_var_type not in LEARNED_VAR_TYPES:
-            raise ValueError(
-                f"loss_type 'hybrid' needs a learned variance, got {model_var_type!r}; "
-                f'choose one of {sorted(LEARNED_VAR_TYPES)}'
-            )
+        options.check_choice('model_mean_type', model_mean_type, options.MODEL_MEAN_TYPES)
+        options.check_choice('model_var_type', model_var_type, options.MODEL_VAR_TYPES)
+        options.check_choice('loss_type', loss_type, options.LOSS_TYPES)
+        if problem := options.loss_and_variance_problem(loss_type, model_var_type):
+            raise ValueError('{} ({})'.format(*problem))
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
             raise ValueError(f'betas must be a 1-D array of at least 2 steps, got {betas.shape}')
@@ -120,11 +109,6 @@ class GaussianDiffusion:
             model_var_type=model_var_type,
             loss_type=loss_type,
         )
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; choose one of {sorted(choices)}')
 
 
 def _extract(table: jax.Array, t: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
@@ -243,7 +227,7 @@ def split_model_output(
 
     For fixed variances the output is the mean part and the variance part is None.
     """
-    if d.model_var_type in LEARNED_VAR_TYPES:
+    if d.model_var_type in options.LEARNED_VAR_TYPES:
         return jnp.split(model_output, 2, axis=-1)
     return model_output, None
 

@@ -27,18 +27,26 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import generate, image_io, input_pipeline, models, parallel, summary, train
+from diffusion_jax import (
+    errors,
+    experiment,
+    generate,
+    image_io,
+    input_pipeline,
+    parallel,
+    summary,
+)
 from diffusion_jax.evaluation import bpd, fid, inception
 
 IS_SPLITS = 10  # as in the paper's table 1
 
 
-class EvalError(ValueError):
+class EvalError(errors.UserError, ValueError):
     """An evaluation that cannot run as configured (e.g. missing FID reference statistics)."""
 
 
 def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
-    e = config.eval
+    e, exp = config.eval, experiment.build(config)
     parallel.check_batch_size(e.batch_size, jax.device_count(), 'config.eval.batch_size')
     batches = input_pipeline.eval_iterator(
         config.data,
@@ -47,7 +55,7 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
         process_count=jax.process_count(),
         num_examples=e.num_bpd_images,
     )
-    bpd_fn = bpd.make_bpd_fn(models.get_model(config), train.create_diffusion(config), mesh)
+    bpd_fn = bpd.make_bpd_fn(exp.model, exp.diffusion, mesh)
     result = bpd.evaluate_bpd(
         bpd_fn,
         params,
@@ -189,7 +197,7 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
     )
     stats = fid.RunningStats()
     chunks = (image_io.to_uint8(b['image']) for b in batches)
-    _features(feature_fn, mesh, chunks, train.image_shape(config), batch_size, stats)
+    _features(feature_fn, mesh, chunks, experiment.image_shape(config), batch_size, stats)
     if jax.process_index() == 0:
         image_io.save_npz(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
         logging.info('wrote FID reference statistics of %d images to %s', stats.count, path)
@@ -273,7 +281,7 @@ def run_eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             if config.data.dataset == 'digits':
                 metrics.update(_digits(samples))
         if inception_params is not None and jax.process_count() > 1:
-            shape = (config.eval.num_samples, *train.image_shape(config))
+            shape = (config.eval.num_samples, *experiment.image_shape(config))
             mine = samples if jax.process_index() == 0 else np.zeros(shape, np.uint8)
             samples = np.asarray(multihost_utils.broadcast_one_to_all(mine))
         metrics.update(_fid_is(config, samples, inception_params))

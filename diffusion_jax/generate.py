@@ -27,52 +27,24 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (
     checkpointing,
+    config_lib,
+    errors,
+    experiment,
     image_io,
     input_pipeline,
-    models,
     parallel,
     sampling,
-    train,
 )
-from diffusion_jax import train_state as train_state_lib
 
-# What of the stored config describes the weights (None: the whole section); everything else,
-# data locations included, comes from the caller.
-MODEL_KEYS = {'data': ('dataset', 'image_size', 'num_channels'), 'model': None, 'diffusion': None}
 _SHARD_RE = re.compile(r'images_(\d{8})_(\d{8})\.npz')
 
 
-class SampleError(ValueError):
+class SampleError(errors.UserError, ValueError):
     """A sampling request that cannot be carried out (no checkpoint, conflicting partial run)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, 'checkpoints')
-
-
-def merge_model_config(
-    stored: dict[str, Any], config: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
-    """`config` with the model, diffusion and image format of the checkpoint's `stored` config.
-
-    The weights only make sense with the architecture and diffusion they were trained with;
-    sampling, eval and training settings and data locations stay the caller's. Differences are
-    logged.
-    """
-    merged = ml_collections.ConfigDict(config.to_dict())
-    for section, keys in MODEL_KEYS.items():
-        for key, value in stored.get(section, {}).items():
-            if keys is not None and key not in keys:
-                continue
-            current = config[section].get(key) if key in config[section] else None
-            value = tuple(value) if isinstance(value, list) else value
-            current = tuple(current) if isinstance(current, list) else current
-            if current != value:
-                logging.warning(
-                    "config.%s.%s: using the checkpoint's %r, not %r", section, key, value, current
-                )
-            merged[section][key] = value
-    return merged
 
 
 def load_sampler(
@@ -112,23 +84,18 @@ def load_sampler(
             raise no_checkpoint
         # The stored config decides the architecture, so read it before building the model.
         meta = ckpt.restore_meta(step)
-        config = merge_model_config(meta.get('config', {}), config)
+        config = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
         mesh = parallel.create_mesh()
-        model = models.get_model(config)
-        tx, _ = train_state_lib.create_optimizer(config.optim)
-        target = train_state_lib.create_train_state(
-            model, tx, jax.random.key(0), train.image_shape(config)
-        )
-        target = jax.device_put(target, parallel.replicated(mesh))
-        state, _ = ckpt.restore(target, step)
+        exp = experiment.build(config)
+        state, _ = ckpt.restore(exp.restore_target(mesh), step)
     finally:
         ckpt.close()
     s = config.sampling
     sample_fn = sampling.make_sample_fn(
-        model,
-        train.create_diffusion(config),
+        exp.model,
+        exp.diffusion,
         batch_size=batch_size or s.batch_size,
-        image_shape=train.image_shape(config),
+        image_shape=exp.image_shape,
         sampler=sampler or s.sampler,
         num_steps=num_steps if num_steps is not None else s.num_steps,
         eta=s.eta,
@@ -275,12 +242,12 @@ def _write_interpolation(config, workdir, params, step) -> str:
     s = config.sampling
     i, j = (int(k) for k in s.interpolate.split(','))
     sources = _source_images(config, [i, j])
-    diffusion = train.create_diffusion(config)
-    t = s.interpolate_t if s.interpolate_t is not None else diffusion.num_timesteps // 2
+    exp = experiment.build(config)
+    t = s.interpolate_t if s.interpolate_t is not None else exp.diffusion.num_timesteps // 2
     interpolate_fn = sampling.make_interpolate_fn(
-        models.get_model(config),
-        diffusion,
-        image_shape=train.image_shape(config),
+        exp.model,
+        exp.diffusion,
+        image_shape=exp.image_shape,
         t=t,
         num_lambdas=s.interpolate_num,
         clip_denoised=s.clip_denoised,

@@ -35,6 +35,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from diffusion_jax import errors
+
 BUILTIN_SOURCES = ('digits', 'folder', 'npz')
 DIGITS_NUM_TEST = 297  # the last 297 digits are the held-out 'test' split
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -42,7 +44,7 @@ _SHUFFLE_BUFFER = 10_000  # tf.data shuffle buffer, in examples, capped by _SHUF
 _SHUFFLE_BYTES = 1 << 30
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserError, ValueError):
     """A data problem the user can fix; the message names the dataset and the fix."""
 
 

@@ -15,10 +15,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import config_lib
+from diffusion_jax import config_lib, errors
 
 MODES = ('train', 'sample', 'eval')
-USAGE_ERROR = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file, e.g. configs/digits.py.', lock_config=True
@@ -81,21 +80,6 @@ class _NoOrphanedFutures(std_logging.Filter):
         return 'exception was never retrieved' not in str(record.msg).split('\n', 1)[0]
 
 
-def _fail(message: str) -> None:
-    sys.stderr.write(f'error: {message}\n')
-    sys.exit(USAGE_ERROR)
-
-
-def _make_configs_importable(argv: list[str]) -> None:
-    """Config variants import their base as `configs.<name>`: put the folder above on sys.path."""
-    for arg in argv:
-        if arg.startswith('--config='):
-            path = arg.split('=', 1)[1]
-            root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-            if root not in sys.path:
-                sys.path.insert(0, root)
-
-
 def _unknown_key_message(error: str, argv: list[str]) -> str:
     """'unknown config key: config.training.batchsize (did you mean config.training.batch_size?)'.
 
@@ -120,24 +104,23 @@ def _unknown_key_message(error: str, argv: list[str]) -> str:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-loading errors turned into one-line messages."""
-    _make_configs_importable(argv)
     try:
         rest = flags.FLAGS(argv)
         config = _CONFIG.value
     except flags.Error as e:
-        _fail(str(e))
+        errors.fail(str(e))
     except (AttributeError, KeyError) as e:  # an unknown --config.x.y key: the config is locked
-        _fail(_unknown_key_message(str(e), argv))
+        errors.fail(_unknown_key_message(str(e), argv))
     except (OSError, ImportError, SyntaxError) as e:
-        _fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
+        errors.fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
     if config is None:
-        _fail('--config is required, e.g. --config=configs/digits.py')
+        errors.fail('--config is required, e.g. --config=configs/digits.py')
     try:
         config.to_dict()  # config_flags defers a failed load to the first access
     except OSError as e:
-        _fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
+        errors.fail(f'could not load --config: {str(e).splitlines()[-1].strip()}')
     if not _WORKDIR.value:
-        _fail('--workdir is required, e.g. --workdir=/tmp/ddpm_digits')
+        errors.fail('--workdir is required, e.g. --workdir=/tmp/ddpm_digits')
     return rest
 
 
@@ -146,12 +129,12 @@ def main(argv: list[str]) -> None:
     sys.unraisablehook = _drop_closed_loop_noise
     std_logging.getLogger('asyncio').addFilter(_NoOrphanedFutures())
     if len(argv) > 1:
-        _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+        errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value
     try:
         config_lib.validate(config)
     except config_lib.ConfigError as e:
-        _fail(str(e))
+        errors.fail(str(e))
     workdir = _WORKDIR.value
     # Heavy imports (jax, TensorFlow) only after the cheap checks above.
     from diffusion_jax import parallel
@@ -159,8 +142,8 @@ def main(argv: list[str]) -> None:
     try:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
-        _fail(str(e))
-    from diffusion_jax import checkpointing, evaluate, generate, input_pipeline, train
+        errors.fail(str(e))
+    from diffusion_jax import evaluate, generate, train
 
     logging.info('workdir: %s', workdir)
     modes = {
@@ -170,16 +153,8 @@ def main(argv: list[str]) -> None:
     }
     try:
         modes[_MODE.value](config, workdir)
-    except (
-        input_pipeline.DatasetError,
-        checkpointing.CheckpointError,
-        config_lib.ConfigError,
-        parallel.BatchSizeError,
-        generate.SampleError,
-        evaluate.EvalError,
-        FloatingPointError,
-    ) as e:
-        _fail(str(e))
+    except errors.UserError as e:
+        errors.fail(str(e))
 
 
 def run() -> None:

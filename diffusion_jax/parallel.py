@@ -17,10 +17,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from diffusion_jax import errors
+
 DATA_AXIS = 'data'
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(errors.UserError, ValueError):
     """A batch size that does not split evenly over the devices."""
 
 

@@ -18,9 +18,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import parallel
+from diffusion_jax import options, parallel
 
-SAMPLERS = ('ancestral', 'ddim')
 # How many predicted x_0 snapshots `return_trajectory=True` records (the paper's Figure 6).
 NUM_TRAJECTORY_FRAMES = 10
 
@@ -88,8 +87,7 @@ def make_sample_fn(
       `sample_fn(params, rng, first_index=0) -> images [B, H, W, C] float32 in [-1, 1]`
       (or `(images, trajectory)`); `first_index` offsets the per-image keys.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f'unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}')
+    options.check_choice('sampler', sampler, options.SAMPLERS)
     num_steps = diffusion.num_timesteps if num_steps is None else num_steps
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
     d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion

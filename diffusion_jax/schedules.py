@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'quad')
+from diffusion_jax import options
 
 # Improved DDPM, section 3.2: the offset s keeps beta_0 from being vanishingly small, and the
 # clip at 0.999 avoids the singularity of the cosine schedule at t = T.
@@ -37,7 +37,7 @@ def get_beta_schedule(
     """Returns the betas of a named schedule.
 
     Args:
-      name: one of `SCHEDULES`.
+      name: one of `options.BETA_SCHEDULES`.
       num_timesteps: T, the number of diffusion steps (>= 1).
       beta_start: first beta of `linear` and `quad` (the paper's 1e-4).
       beta_end: last beta of `linear` and `quad`, and the value of `const` (the paper's 0.02).
@@ -48,8 +48,7 @@ def get_beta_schedule(
     Raises:
       ValueError: for an unknown name or a non-positive `num_timesteps`.
     """
-    if name not in SCHEDULES:
-        raise ValueError(f'unknown beta schedule {name!r}; choose one of {sorted(SCHEDULES)}')
+    options.check_choice('beta schedule', name, options.BETA_SCHEDULES)
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int | np.integer):
         raise ValueError(f'num_timesteps must be a positive int, got {num_timesteps!r}')
     if num_timesteps <= 0:

@@ -19,34 +19,18 @@ from absl import logging
 from diffusion_jax import (
     checkpointing,
     config_lib,
+    errors,
+    experiment,
     image_io,
     input_pipeline,
-    models,
     parallel,
     sampling,
-    schedules,
     summary,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
 NUM_T_BUCKETS = 4  # loss is also reported per quarter of [0, T)
-
-
-def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
-    """The `GaussianDiffusion` described by `config.diffusion`."""
-    c = config.diffusion
-    betas = schedules.get_beta_schedule(
-        c.beta_schedule, c.num_timesteps, beta_start=c.beta_start, beta_end=c.beta_end
-    )
-    return diffusion_lib.GaussianDiffusion.create(
-        betas, c.model_mean_type, c.model_var_type, c.loss_type
-    )
-
-
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    d = config.data
-    return (d.image_size, d.image_size, d.num_channels)
 
 
 def train_step(
@@ -182,6 +166,10 @@ class _Progress:
             self.bar.close()
 
 
+class NonFiniteError(errors.UserError, FloatingPointError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
 class _NonFiniteSteps:
     """Counts skipped (non-finite) steps and stops the run after too many in a row.
 
@@ -211,7 +199,7 @@ class _NonFiniteSteps:
             self.total,
         )
         if self.in_a_row >= self.max_in_a_row:
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f'{self.in_a_row} steps in a row (up to step {done}) had a non-finite loss or '
                 'gradient; stopping with the last checkpoint intact. Lower '
                 '--config.optim.learning_rate, check the data, or raise '
@@ -236,7 +224,7 @@ def _write_samples(
 
 def _check_resumable(meta: dict, config: ml_collections.ConfigDict) -> None:
     """Refuses to resume a checkpoint made with another network, diffusion or image shape."""
-    changes = config_lib.resume_changes(meta.get('config', {}), config)
+    changes = config_lib.weight_changes(meta.get('config', {}), config)
     if not changes:
         return
     if config.training.allow_config_change:
@@ -264,13 +252,9 @@ def train_and_evaluate(
     rng = jax.random.key(config.training.seed)
     init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
 
-    model = models.get_model(config)
-    diffusion = create_diffusion(config)
-    tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
-    state = train_state_lib.create_train_state(model, tx, init_rng, image_shape(config))
-    state = jax.device_put(state, parallel.replicated(mesh))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info('model: %s parameters; %d devices', f'{num_params:,}', jax.device_count())
+    exp = experiment.build(config)
+    state = exp.init_state(init_rng, mesh)
+    logging.info('model: %s parameters; %d devices', f'{exp.num_params:,}', jax.device_count())
 
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
@@ -298,16 +282,16 @@ def train_and_evaluate(
     batches = parallel.prefetch_to_mesh(local_batches, mesh)
     if jax.process_index() == 0:
         image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
-    jit_train_step = make_jit_train_step(config, diffusion, learning_rate_fn, mesh)
+    jit_train_step = make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
     sample_fn = None
     if config.training.sample_every_steps:
         # Up to 64 images for the grid, a multiple of the device count.
         devices = jax.device_count()
         sample_fn = sampling.make_sample_fn(
-            model,
-            diffusion,
+            exp.model,
+            exp.diffusion,
             batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
-            image_shape=image_shape(config),
+            image_shape=exp.image_shape,
             clip_denoised=config.sampling.clip_denoised,
             mesh=mesh,
         )

@@ -12,6 +12,8 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from diffusion_jax import options
+
 
 class TrainState(train_state.TrainState):
     """flax's TrainState (step, params, opt_state, apply_fn, tx) plus `ema_params`."""
@@ -39,12 +41,11 @@ def create_optimizer(
     """
     learning_rate_fn = create_learning_rate_fn(optim_config)
     adam_kwargs = dict(b1=optim_config.beta1, b2=optim_config.beta2, eps=optim_config.eps)
+    options.check_choice('optimizer', optim_config.optimizer, options.OPTIMIZERS)
     if optim_config.optimizer == 'adamw':
         opt = optax.adamw(learning_rate_fn, weight_decay=optim_config.weight_decay, **adam_kwargs)
-    elif optim_config.optimizer == 'adam':
-        opt = optax.adam(learning_rate_fn, **adam_kwargs)
     else:
-        raise ValueError(f"unknown optimizer {optim_config.optimizer!r}; choose 'adam' or 'adamw'")
+        opt = optax.adam(learning_rate_fn, **adam_kwargs)
     if optim_config.grad_clip > 0:
         opt = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip), opt)
     return opt, learning_rate_fn

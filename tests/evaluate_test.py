@@ -10,7 +10,7 @@ from absl.testing import absltest, parameterized
 from generate_test import tiny_config
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import evaluate, input_pipeline, models, parallel, train
+from diffusion_jax import evaluate, experiment, input_pipeline, models, parallel, train
 from diffusion_jax.evaluation import bpd
 
 
@@ -32,7 +32,7 @@ class EvaluateBpdTest(parameterized.TestCase):
         super().setUp()
         self.config = tiny_config()
         self.model = models.get_model(self.config)
-        self.diffusion = train.create_diffusion(self.config)
+        self.diffusion = experiment.create_diffusion(self.config)
         self.params = self.model.init(
             jax.random.key(0),
             np.zeros((1, 8, 8, 1), np.float32),

@@ -15,7 +15,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import digits
-from diffusion_jax import generate, image_io, models, sampling, train
+from diffusion_jax import config_lib, experiment, generate, image_io, models, sampling, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -117,9 +117,9 @@ class GenerateTest(parameterized.TestCase):
         config = self.config
         direct = sampling.make_sample_fn(
             models.get_model(config),
-            train.create_diffusion(config),
+            experiment.create_diffusion(config),
             batch_size=7,
-            image_shape=train.image_shape(config),
+            image_shape=experiment.image_shape(config),
         )
         expected = image_io.to_uint8(direct(self.params, jax.random.key(0)))
         np.testing.assert_array_equal(images, expected)
@@ -196,14 +196,14 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from generate_test import tiny_config
-    from diffusion_jax import models, parallel, sampling, train
+    from diffusion_jax import experiment, models, parallel, sampling
     assert jax.device_count() == int(sys.argv[2]), jax.devices()
     config = tiny_config()
     model = models.get_model(config)
     params = model.init(jax.random.key(1), np.zeros((1, 8, 8, 1), np.float32),
                         np.zeros((1,), np.int32), train=False)['params']
     sample_fn = sampling.make_sample_fn(
-        model, train.create_diffusion(config), batch_size=8, image_shape=(8, 8, 1),
+        model, experiment.create_diffusion(config), batch_size=8, image_shape=(8, 8, 1),
         mesh=parallel.create_mesh())
     images = sample_fn(params, jax.random.key(5), 3)
     assert len(images.sharding.device_set) == jax.device_count()
@@ -218,7 +218,7 @@ class MergeConfigTest(parameterized.TestCase):
         caller = digits.get_config()
         caller.sampling.num_samples = 3
         caller.data.data_dir = '/here'
-        merged = generate.merge_model_config(stored, caller)
+        merged = config_lib.with_checkpoint_weights(stored, caller)
         self.assertEqual(merged.model.ch, 16)
         self.assertEqual(merged.model.num_groups, 8)
         self.assertEqual(merged.diffusion.num_timesteps, 20)

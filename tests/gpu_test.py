@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffusion_jax import models, parallel, train
+from diffusion_jax import experiment, models, parallel, train
 from diffusion_jax import train_state as train_state_lib
 from diffusion_jax.models import layers
 
@@ -55,7 +55,7 @@ def _init(config, device):
     tx, _ = train_state_lib.create_optimizer(config.optim)
     with jax.default_device(device):
         state = train_state_lib.create_train_state(
-            model, tx, jax.random.key(0), train.image_shape(config)
+            model, tx, jax.random.key(0), experiment.image_shape(config)
         )
     leaves, treedef = jax.tree.flatten(jax.device_get(state.params))
     rng = np.random.default_rng(1)
@@ -64,7 +64,7 @@ def _init(config, device):
 
 
 def _batch(config, n: int = 8) -> np.ndarray:
-    shape = (n, *train.image_shape(config))
+    shape = (n, *experiment.image_shape(config))
     return np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
 
 
@@ -97,7 +97,7 @@ def test_train_step_matches_the_cpu():
     config = _tiny_config()
     cpu = jax.devices('cpu')[0]
     _, state = _init(config, cpu)
-    diffusion = train.create_diffusion(config)
+    diffusion = experiment.create_diffusion(config)
     _, lr_fn = train_state_lib.create_optimizer(config.optim)
     batch = {'image': _batch(config)}
     results = []

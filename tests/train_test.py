@@ -19,7 +19,7 @@ import optax
 from absl.testing import absltest, parameterized
 
 from configs import cifar10, digits
-from diffusion_jax import checkpointing, models, train
+from diffusion_jax import checkpointing, experiment, models, train
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
@@ -48,7 +48,7 @@ def _fixed_batch_loss(config, params, num=256):
 
     images = input_pipeline.load_images(config.data, 'train')[:num]
     x = images.astype(np.float32) / 127.5 - 1.0
-    d = train.create_diffusion(config)
+    d = experiment.create_diffusion(config)
     rng = np.random.default_rng(0)
     t = jnp.asarray(rng.integers(0, d.num_timesteps, num))
     noise = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
@@ -76,7 +76,7 @@ class TrainLoopTest(parameterized.TestCase):
                 models.get_model(config),
                 optax.identity(),
                 jax.random.split(jax.random.key(config.training.seed), 3)[0],
-                train.image_shape(config),
+                experiment.image_shape(config),
             )
             before = _fixed_batch_loss(config, init.params)
             after = _fixed_batch_loss(config, state.params)
@@ -131,7 +131,7 @@ class TrainStepTest(parameterized.TestCase):
                 s,
                 b,
                 r,
-                diffusion=train.create_diffusion(config),
+                diffusion=experiment.create_diffusion(config),
                 ema_decay=0.9,
                 learning_rate_fn=lr_fn,
             )
@@ -163,7 +163,7 @@ class TrainStepTest(parameterized.TestCase):
         step = jax.jit(
             functools.partial(
                 train.train_step,
-                diffusion=train.create_diffusion(config),
+                diffusion=experiment.create_diffusion(config),
                 ema_decay=0.9,
                 learning_rate_fn=lr_fn,
             )
@@ -221,7 +221,7 @@ class TrainStepTest(parameterized.TestCase):
 
     def test_loss_by_quarter_matches_the_per_example_losses(self):
         config = tiny_config()
-        d = train.create_diffusion(config)
+        d = experiment.create_diffusion(config)
         model = models.get_model(config)
         tx, lr_fn = train_state_lib.create_optimizer(config.optim)
         state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
@@ -249,11 +249,11 @@ _EIGHT_DEVICES = textwrap.dedent(
     """
     import jax, numpy as np
     from configs import digits
-    from diffusion_jax import models, parallel, train, train_state as tsl
+    from diffusion_jax import experiment, models, parallel, train, train_state as tsl
     assert jax.device_count() == 8, jax.devices()
     config = digits.get_config()
     config.model.ch, config.model.num_res_blocks, config.model.dropout = 32, 1, 0.1
-    model, d = models.get_model(config), train.create_diffusion(config)
+    model, d = models.get_model(config), experiment.create_diffusion(config)
     tx, lr_fn = tsl.create_optimizer(config.optim)
     batch = {'image': np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype('f4')}
     results = []

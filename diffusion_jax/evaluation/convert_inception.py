@@ -18,13 +18,14 @@ import zipfile
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.evaluation import inception
 
 _BN = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 
 
-class ConversionError(ValueError):
-    """Weights that are not those of the FID Inception network."""
+# Weights that are not those of the FID Inception network.
+ConversionError = errors.ConversionError
 
 
 def _convert_tensor(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:

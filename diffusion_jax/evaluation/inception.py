@@ -41,7 +41,7 @@ from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from diffusion_jax import parallel
+from diffusion_jax import errors, parallel
 
 NUM_FEATURES = 2048
 NUM_LOGITS = 1008
@@ -53,7 +53,7 @@ OFFICIAL_SHA256_PREFIX = '6726825d'
 _PRECISION = jax.lax.Precision.HIGHEST  # no TF32: the same features on every device
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(errors.UserError, ValueError):
     """A missing or mismatched Inception weights file."""
 
 

@@ -9,20 +9,15 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from diffusion_jax import options
 from diffusion_jax.models import unet
 
 _MODELS = {'ddpm_unet': unet.UNet}
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-# These variance types make the network predict log-variance coefficients next to the mean.
-_LEARNED_VAR_TYPES = ('learned', 'learned_range')
-
 
 def _get_dtype(name: str, key: str) -> Any:
-    if name not in _DTYPES:
-        raise ValueError(f'unknown config.model.{key} {name!r}; choose one of {sorted(_DTYPES)}')
-    return _DTYPES[name]
+    options.check_choice(f'config.model.{key}', name, options.DTYPES)
+    return jnp.dtype(name)
 
 
 def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
@@ -37,10 +32,9 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         variance is learned.
     """
     m = config.model
-    if m.name not in _MODELS:
-        raise ValueError(f'unknown model {m.name!r}; choose one of {sorted(_MODELS)}')
+    options.check_choice('model', m.name, options.MODELS)
     num_channels = config.data.num_channels
-    learned_var = config.diffusion.model_var_type in _LEARNED_VAR_TYPES
+    learned_var = config.diffusion.model_var_type in options.LEARNED_VAR_TYPES
     return _MODELS[m.name](
         ch=m.ch,
         out_ch=2 * num_channels if learned_var else num_channels,

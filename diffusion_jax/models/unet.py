@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import options
 from diffusion_jax.models import layers
 
 
@@ -137,7 +138,7 @@ class UNet(nn.Module):
         chex.assert_rank(x, 4)
         batch, height, width, _ = x.shape
         chex.assert_shape(t, (batch,))
-        factor = 2 ** (len(self.ch_mult) - 1)
+        factor = options.downsampling_factor(self.ch_mult)
         if height != width or height % factor:
             raise ValueError(
                 f'images must be square with a size divisible by {factor} for '

@@ -1,0 +1,56 @@
+"""The choices each option takes and the rules that tie options together, defined once.
+
+Imported by the configs, by `config_lib`'s validation and by the code that acts on the options
+(`diffusion`, `schedules`, `models`, `sampling`, `train_state`), so a new choice or rule is added
+in one place. Pure Python: no JAX, so validating a config stays instant.
+"""
+
+from collections.abc import Sequence
+
+MODELS = ('ddpm_unet',)
+DTYPES = ('float32', 'bfloat16', 'float16')
+BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'quad')
+MODEL_MEAN_TYPES = ('eps', 'xprev', 'xstart')
+MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
+# These variance types make the network predict log-variance coefficients next to the mean.
+LEARNED_VAR_TYPES = ('learned', 'learned_range')
+LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
+OPTIMIZERS = ('adam', 'adamw')
+SAMPLERS = ('ancestral', 'ddim')
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raises ValueError naming the choices unless `value` is one of them."""
+    if value not in choices:
+        raise ValueError(f'unknown {name} {value!r}; choose one of {sorted(choices)}')
+
+
+def loss_and_variance_problem(loss_type: str, model_var_type: str) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when `loss_type` cannot train `model_var_type`, else None.
+
+    Only a variational term trains a learned variance: L_simple ('mse') leaves it untrained, and
+    'hybrid' = L_simple + lambda L_vlb exists to train one (Nichol & Dhariwal 2021, section 3.1).
+    """
+    learned = model_var_type in LEARNED_VAR_TYPES
+    if loss_type == 'mse' and learned:
+        return (
+            f"'mse' never trains diffusion.model_var_type {model_var_type!r}",
+            "use model_var_type 'fixedlarge' or 'fixedsmall', or loss_type 'hybrid'",
+        )
+    if loss_type == 'hybrid' and not learned:
+        return (
+            f"'hybrid' trains a learned variance, but diffusion.model_var_type is "
+            f'{model_var_type!r}',
+            "set model_var_type to 'learned' or 'learned_range', or use loss_type 'mse'",
+        )
+    return None
+
+
+def downsampling_factor(ch_mult: Sequence[int]) -> int:
+    """How much the U-Net shrinks the image: it halves it once between consecutive levels."""
+    return 2 ** (len(ch_mult) - 1)
+
+
+def unet_resolutions(image_size: int, ch_mult: Sequence[int]) -> list[int]:
+    """The feature-map sizes the U-Net sees, largest first (attention must use one of them)."""
+    return [image_size // 2**i for i in range(len(ch_mult))]
