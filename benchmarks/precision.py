@@ -25,9 +25,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from configs import digits
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import experiment, input_pipeline, models, parallel, train
+from diffusion_jax.configs import digits
 
 _STEPS = flags.DEFINE_integer('steps', 8000, 'Train steps per run (the digits default: 8000).')
 _OUT = flags.DEFINE_string('out', None, 'Directory for precision.json and precision.png.')

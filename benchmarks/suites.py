@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from configs import cifar10, digits
+from diffusion_jax.configs import cifar10, digits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from diffusion_jax import (
     errors,
@@ -254,10 +255,18 @@ def _table(metrics: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def run_eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """`--mode=eval`; returns the metrics also written to `WORKDIR/eval/metrics_<step>.json`."""
+def run_eval_mode(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> dict[str, Any]:
+    """`--mode=eval`; returns the metrics also written to `WORKDIR/eval/metrics_<step>.json`.
+
+    `mesh`: the devices to evaluate on; None: every device of every process.
+    """
     s = config.sampling
-    sample_fn, params, config, step = generate.load_sampler(workdir, config, step=s.checkpoint_step)
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    sample_fn, params, config, step = generate.load_sampler(
+        workdir, config, mesh=mesh, step=s.checkpoint_step
+    )
     # Refuse bad Inception weights or missing reference statistics before hours of sampling.
     inception_params = _load_inception(config) if config.eval.num_samples else None
     if inception_params is not None:
@@ -265,7 +274,7 @@ def run_eval_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     eval_dir = os.path.join(workdir, 'eval')
     metrics: dict[str, Any] = {'checkpoint_step': step}
     if config.eval.bpd:
-        metrics.update(_nll(config, params, parallel.create_mesh(), eval_dir, step))
+        metrics.update(_nll(config, params, mesh, eval_dir, step))
     if config.eval.num_samples:
         samples = generate.generate_to_npz(
             sample_fn,

@@ -24,6 +24,7 @@ import tqdm
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpointing,
@@ -32,6 +33,7 @@ from diffusion_jax import (
     experiment,
     image_io,
     input_pipeline,
+    lead,
     parallel,
     sampling,
 )
@@ -47,20 +49,52 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, 'checkpoints')
 
 
+def restore_ema(
+    workdir: str, config: ml_collections.ConfigDict, mesh: Mesh, step: int | None = None
+) -> tuple[experiment.Experiment, Any, int]:
+    """The experiment of a workdir's checkpoint and its EMA parameters, replicated over `mesh`.
+
+    The checkpoint's stored config decides the network, diffusion and image format
+    (`config_lib.with_checkpoint_weights`); everything else comes from `config`.
+
+    Returns:
+      (the experiment built from the merged config, the EMA params, the restored step).
+
+    Raises:
+      SampleError: the workdir has no complete checkpoint.
+    """
+    no_checkpoint = SampleError(
+        f'no checkpoint in {checkpoint_dir(workdir)}: train first '
+        '(--mode=train with the same --workdir), or pass the workdir of a trained run'
+    )
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():  # do not create it
+        raise no_checkpoint
+    with checkpointing.Checkpointer(checkpoint_dir(workdir), keep=1, save_every_steps=1) as ckpt:
+        if ckpt.latest_valid_step() is None:
+            raise no_checkpoint
+        # The stored config decides the architecture, so read it before building the model.
+        meta = ckpt.restore_meta(step)
+        exp = experiment.build(config_lib.with_checkpoint_weights(meta.get('config', {}), config))
+        state, _ = ckpt.restore(exp.restore_target(mesh), step)
+    return exp, state.ema_params, int(state.step)
+
+
 def load_sampler(
     workdir: str,
     config: ml_collections.ConfigDict,
     *,
+    mesh: Mesh | None = None,
     step: int | None = None,
     batch_size: int | None = None,
     sampler: str | None = None,
     num_steps: int | None = None,
 ) -> tuple[sampling.SampleFn, Any, ml_collections.ConfigDict, int]:
-    """Restores a checkpoint's EMA parameters and builds a sampler sharded over every device.
+    """Restores a checkpoint's EMA parameters and builds a sampler sharded over `mesh`.
 
     Args:
       workdir: a training workdir (its `checkpoints/` folder).
       config: supplies the sampling settings; data/model/diffusion come from the checkpoint.
+      mesh: the devices to sample on; None: every device of every process.
       step: restore this step; None means the newest complete one.
       batch_size: images per call; None means `config.sampling.batch_size`.
       sampler, num_steps: override `config.sampling.sampler` / `num_steps`.
@@ -72,25 +106,9 @@ def load_sampler(
     Raises:
       SampleError: the workdir has no complete checkpoint.
     """
-    no_checkpoint = SampleError(
-        f'no checkpoint in {checkpoint_dir(workdir)}: train first '
-        '(--mode=train with the same --workdir), or pass the workdir of a trained run'
-    )
-    if not epath.Path(checkpoint_dir(workdir)).is_dir():  # do not create it
-        raise no_checkpoint
-    ckpt = checkpointing.Checkpointer(checkpoint_dir(workdir), keep=1, save_every_steps=1)
-    try:
-        if ckpt.latest_valid_step() is None:
-            raise no_checkpoint
-        # The stored config decides the architecture, so read it before building the model.
-        meta = ckpt.restore_meta(step)
-        config = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
-        mesh = parallel.create_mesh()
-        exp = experiment.build(config)
-        state, _ = ckpt.restore(exp.restore_target(mesh), step)
-    finally:
-        ckpt.close()
-    s = config.sampling
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    exp, params, restored_step = restore_ema(workdir, config, mesh, step)
+    s = exp.config.sampling
     sample_fn = sampling.make_sample_fn(
         exp.model,
         exp.diffusion,
@@ -102,7 +120,7 @@ def load_sampler(
         clip_denoised=s.clip_denoised,
         mesh=mesh,
     )
-    return sample_fn, state.ema_params, config, int(state.step)
+    return sample_fn, params, exp.config, restored_step
 
 
 def _done_prefix(shard_dir: str) -> int:
@@ -255,19 +273,23 @@ def _write_interpolation(config, workdir, params, step) -> str:
     mixed = interpolate_fn(params, sources[0], sources[1], jax.random.key(s.seed))
     strip = image_io.to_uint8(np.concatenate([sources[:1], np.asarray(mixed), sources[1:]]))
     path = os.path.join(workdir, 'samples', f'interpolate_{step}_{i}_{j}_t{t}.png')
-    if jax.process_index() == 0:
-        image_io.save_grid(path, strip, ncol=len(strip), size=64 * len(strip))
+    lead.LeadWriter().grid(path, strip, ncol=len(strip), size=64 * len(strip))
     return path
 
 
-def run_sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
+def run_sample_mode(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> str:
     """`--mode=sample`: `config.sampling.num_samples` images into `samples/samples_<step>.npz`.
 
     Also writes a PNG grid of the first (up to) 100 images next to it, and the interpolation strip
-    when `config.sampling.interpolate` is set. Returns the npz path.
+    when `config.sampling.interpolate` is set. `mesh`: the devices to sample on; None: every
+    device of every process. Returns the npz path.
     """
     s = config.sampling
-    sample_fn, params, config, step = load_sampler(workdir, config, step=s.checkpoint_step)
+    sample_fn, params, config, step = load_sampler(
+        workdir, config, mesh=mesh, step=s.checkpoint_step
+    )
     path = os.path.join(workdir, 'samples', f'samples_{step}.npz')
     spec = {
         'checkpoint_step': step,
@@ -287,8 +309,7 @@ def run_sample_mode(config: ml_collections.ConfigDict, workdir: str) -> str:
         spec=spec,
     )
     grid_path = os.path.join(workdir, 'samples', f'samples_{step}.png')
-    if jax.process_index() == 0:
-        image_io.save_grid(grid_path, images[:100])
+    lead.LeadWriter().grid(grid_path, None if images is None else images[:100])
     logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
     if s.interpolate:
         logging.info('wrote %s', _write_interpolation(config, workdir, params, step))

@@ -151,8 +151,9 @@ def main(argv: list[str]) -> None:
         'sample': generate.run_sample_mode,
         'eval': evaluate.run_eval_mode,
     }
+    mesh = parallel.create_mesh()  # every device of every process, made once for the mode
     try:
-        modes[_MODE.value](config, workdir)
+        modes[_MODE.value](config, workdir, mesh)
     except errors.UserError as e:
         errors.fail(str(e))
 

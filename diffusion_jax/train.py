@@ -5,16 +5,20 @@ global batch sharded over every device (see `parallel`). Randomness comes from o
 key folded with the step, so a resumed run draws exactly the numbers an uninterrupted run would.
 """
 
+import dataclasses
 import functools
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpointing,
@@ -23,6 +27,7 @@ from diffusion_jax import (
     experiment,
     image_io,
     input_pipeline,
+    lead,
     parallel,
     sampling,
     summary,
@@ -126,8 +131,8 @@ def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
 class _Progress:
     """A tqdm bar on an interactive terminal, plain log lines otherwise (CI, files, non-lead)."""
 
-    def __init__(self, start: int, total: int, batch_size: int):
-        self.interactive = jax.process_index() == 0 and sys.stderr.isatty()
+    def __init__(self, start: int, total: int, batch_size: int, *, lead: bool):
+        self.interactive = lead and sys.stderr.isatty()
         self.batch_size, self.total = batch_size, total
         self.last_step, self.last_time = start, time.perf_counter()
         self.bar = None
@@ -207,19 +212,21 @@ class _NonFiniteSteps:
             )
 
 
-def _write_samples(
-    workdir: str, step: int, sample_fn, state, rng: jax.Array, writer: summary.SummaryWriter | None
-) -> None:
-    """Samples with the EMA parameters and writes a PNG grid (lead process only)."""
-    images = image_io.to_uint8(
-        parallel.to_host(sample_fn(state.ema_params, jax.random.fold_in(rng, step)))
+def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn | None:
+    """The sampler of the grids written during training (up to 64 images), or None if off."""
+    config = exp.config
+    if not config.training.sample_every_steps:
+        return None
+    # Up to 64 images for the grid, a multiple of the device count.
+    devices = mesh.size
+    return sampling.make_sample_fn(
+        exp.model,
+        exp.diffusion,
+        batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
+        image_shape=exp.image_shape,
+        clip_denoised=config.sampling.clip_denoised,
+        mesh=mesh,
     )
-    if jax.process_index() != 0:
-        return
-    path = os.path.join(workdir, 'samples', f'grid_{step:08d}.png')
-    grid = image_io.save_grid(path, images)
-    writer.write_images(step, {'samples': grid[None]})
-    logging.info('step %d: wrote %s', step, path)
 
 
 def _check_resumable(meta: dict, config: ml_collections.ConfigDict) -> None:
@@ -238,103 +245,137 @@ def _check_resumable(meta: dict, config: ml_collections.ConfigDict) -> None:
     )
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
-) -> train_state_lib.TrainState:
-    """Trains (or resumes) the model described by `config`, writing everything under `workdir`.
+def _start(
+    exp: experiment.Experiment, ckpt: checkpointing.Checkpointer, rng: jax.Array, mesh: Mesh
+) -> tuple[train_state_lib.TrainState, Iterator[dict[str, np.ndarray]]]:
+    """The initial or resumed state and this process's batches from its step on.
 
-    Writes `config.json`, TensorBoard scalars, checkpoints under `checkpoints/` and sample grids
-    under `samples/`. Returns the final state.
+    Nothing is written before the checkpoint and the data are accepted; on any error the
+    checkpointer is closed.
     """
-    mesh = parallel.create_mesh()
-    batch_size = config.training.batch_size
-    parallel.check_batch_size(batch_size, jax.device_count(), 'config.training.batch_size')
-    rng = jax.random.key(config.training.seed)
-    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
-
-    exp = experiment.build(config)
-    state = exp.init_state(init_rng, mesh)
-    logging.info('model: %s parameters; %d devices', f'{exp.num_params:,}', jax.device_count())
-
-    ckpt = checkpointing.Checkpointer(
-        os.path.join(workdir, 'checkpoints'),
-        keep=config.training.keep_checkpoints,
-        save_every_steps=config.training.checkpoint_every_steps,
-    )
-    try:  # nothing is written before the checkpoint and the data are accepted
-        if ckpt.latest_valid_step() is not None:
+    config = exp.config
+    try:
+        if ckpt.latest_valid_step() is None:
+            state = exp.init_state(rng, mesh)
+        else:  # restored into the state's shapes: no need to initialise what is overwritten
             _check_resumable(ckpt.restore_meta(), config)
-            state, _ = ckpt.restore(state, set_aside_failed=True)
+            state, _ = ckpt.restore(exp.restore_target(mesh), set_aside_failed=True)
             logging.info('resumed from step %d', int(state.step))
-        start_step = int(state.step)
         local_batches = input_pipeline.train_iterator(
             config.data,
-            global_batch_size=batch_size,
+            global_batch_size=config.training.batch_size,
             seed=config.training.seed,
-            start_step=start_step,
+            start_step=int(state.step),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
     except BaseException:
         ckpt.close()
         raise
-    meta = {'config': config.to_dict()}
+    return state, local_batches
+
+
+@dataclasses.dataclass
+class _Run:
+    """The loop's fixed parts: what each step reports, saves and draws, and where."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    ckpt: checkpointing.Checkpointer
+    files: lead.LeadWriter
+    events: summary.SummaryWriter | None
+    progress: _Progress
+    sample_fn: sampling.SampleFn | None
+    sample_rng: jax.Array
+    last_saved: int
+
+    def after_step(self, done: int, state, metrics: dict[str, jax.Array]) -> None:
+        """Logs, checkpoints and samples as the config asks after step `done`."""
+        training = self.config.training
+        if done % training.log_every_steps == 0 or done == training.num_train_steps:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            scalars.update(self.progress.update(done, scalars))
+            if self.events is not None:
+                self.events.write_scalars(done, scalars)
+        else:
+            self.progress.update(done, None)
+        # Asking orbax costs ~30 ms even when it declines, so only ask when it is due.
+        due = done % training.checkpoint_every_steps == 0
+        if due and self.ckpt.save(done, state, meta=self.meta):
+            self.last_saved = done
+        if self.sample_fn and done % training.sample_every_steps == 0:
+            self.write_samples(done, state)
+
+    def finish(self, state) -> None:
+        """Saves the last step unless it is saved; draws the final grid unless it is drawn."""
+        final, training = int(state.step), self.config.training
+        if final != self.last_saved:
+            self.ckpt.save(final, state, meta=self.meta, force=True)
+        every = training.sample_every_steps  # 0 (no grids) leaves sample_fn None
+        if self.sample_fn and final == training.num_train_steps and final % every:
+            self.write_samples(final, state)
+
+    @property
+    def meta(self) -> dict:
+        return {'config': self.config.to_dict()}
+
+    def write_samples(self, step: int, state) -> None:
+        """Samples with the EMA parameters; the lead writes a PNG grid and a TensorBoard image."""
+        rng = jax.random.fold_in(self.sample_rng, step)
+        images = image_io.to_uint8(parallel.to_host(self.sample_fn(state.ema_params, rng)))
+        path = os.path.join(self.workdir, 'samples', f'grid_{step:08d}.png')
+        grid = self.files.grid(path, images)
+        if grid is not None:  # the lead
+            self.events.write_images(step, {'samples': grid[None]})
+            logging.info('step %d: wrote %s', step, path)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
+) -> train_state_lib.TrainState:
+    """Trains (or resumes) the model described by `config`, writing everything under `workdir`.
+
+    Writes `config.json`, TensorBoard scalars, checkpoints under `checkpoints/` and sample grids
+    under `samples/` (from the lead process). `mesh`: the devices to train on; None: every
+    device of every process. Returns the final state.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    training = config.training
+    parallel.check_batch_size(training.batch_size, mesh.size, 'config.training.batch_size')
+    init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(training.seed), 3)
+    exp = experiment.build(config)
+    logging.info('model: %s parameters; %d devices', f'{exp.num_params:,}', mesh.size)
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, 'checkpoints'),
+        keep=training.keep_checkpoints,
+        save_every_steps=training.checkpoint_every_steps,
+    )
+    state, local_batches = _start(exp, ckpt, init_rng, mesh)
+    start_step, files = int(state.step), lead.LeadWriter()
+    files.json(os.path.join(workdir, 'config.json'), config.to_dict())
     batches = parallel.prefetch_to_mesh(local_batches, mesh)
-    if jax.process_index() == 0:
-        image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
     jit_train_step = make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
-    sample_fn = None
-    if config.training.sample_every_steps:
-        # Up to 64 images for the grid, a multiple of the device count.
-        devices = jax.device_count()
-        sample_fn = sampling.make_sample_fn(
-            exp.model,
-            exp.diffusion,
-            batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
-            image_shape=exp.image_shape,
-            clip_denoised=config.sampling.clip_denoised,
-            mesh=mesh,
-        )
-    num_steps = config.training.num_train_steps
-    progress = _Progress(start_step, num_steps, batch_size)
-    # TensorBoard events from the lead process only; the others report nothing.
-    writer = summary.SummaryWriter(workdir) if jax.process_index() == 0 else None
-    last_saved = start_step
+    progress = _Progress(
+        start_step, training.num_train_steps, training.batch_size, lead=files.is_lead
+    )
+    run = _Run(config, workdir, ckpt, files, files.summary(workdir), progress,
+               _grid_sampler(exp, mesh), sample_rng, last_saved=start_step)  # fmt: skip
     try:
         with checkpointing.PreemptionGuard() as guard:
-            nonfinite = _NonFiniteSteps(config.training.max_nonfinite_steps)
-            for step in range(start_step, num_steps):
-                batch = next(batches)
-                state, metrics = jit_train_step(state, batch, train_rng)
-                done = step + 1
-                nonfinite.check(done, metrics['nonfinite'])
-                scalars = None
-                if done % config.training.log_every_steps == 0 or done == num_steps:
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    scalars.update(progress.update(done, scalars))
-                    if writer is not None:
-                        writer.write_scalars(done, scalars)
-                else:
-                    progress.update(done, None)
-                # Asking orbax costs ~30 ms even when it declines, so only ask when it is due.
-                due = done % config.training.checkpoint_every_steps == 0
-                if due and ckpt.save(done, state, meta=meta):
-                    last_saved = done
-                if sample_fn and done % config.training.sample_every_steps == 0:
-                    _write_samples(workdir, done, sample_fn, state, sample_rng, writer)
-                if guard.should_stop(done):
-                    logging.warning('preemption requested: saving step %d and stopping', done)
+            nonfinite = _NonFiniteSteps(training.max_nonfinite_steps)
+            for step in range(start_step, training.num_train_steps):
+                state, metrics = jit_train_step(state, next(batches), train_rng)
+                nonfinite.check(step + 1, metrics['nonfinite'])
+                run.after_step(step + 1, state, metrics)
+                if guard.should_stop(step + 1):
+                    logging.warning('preemption requested: saving step %d and stopping', step + 1)
                     break
             nonfinite.check(None, None)  # the last step's flag
-            final = int(state.step)
-            if final != last_saved:
-                ckpt.save(final, state, meta=meta, force=True)
-            if sample_fn and final == num_steps and final % config.training.sample_every_steps:
-                _write_samples(workdir, final, sample_fn, state, sample_rng, writer)
+            run.finish(state)
     finally:
         progress.close()
-        if writer is not None:
-            writer.close()
+        if run.events is not None:
+            run.events.close()
         ckpt.close()
     logging.info('finished at step %d; workdir %s', int(state.step), workdir)
     return state
