@@ -285,12 +285,11 @@ def train_and_evaluate(
     jit_train_step = make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
     sample_fn = None
     if config.training.sample_every_steps:
-        # Up to 64 images for the grid, a multiple of the device count.
-        devices = jax.device_count()
+        # Up to 64 images for the grid.
         sample_fn = sampling.make_sample_fn(
             exp.model,
             exp.diffusion,
-            batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
+            batch_size=min(config.sampling.num_samples, 64),
             image_shape=exp.image_shape,
             clip_denoised=config.sampling.clip_denoised,
             mesh=mesh,
