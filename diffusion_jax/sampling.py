@@ -29,9 +29,11 @@ from diffusion_jax import options, parallel
 # How many predicted x_0 snapshots `return_trajectory=True` records (the paper's Figure 6).
 NUM_TRAJECTORY_FRAMES = 10
 
-# What draws images: `sample_fn(params, rng, first_index)` -> [B, H, W, C] in [-1, 1], or
-# (images, trajectory [B, K, H, W, C]). A `Sampler` is one; so is any wrapper with that call.
-SampleFn = Callable[[Any, jax.Array, int], jax.Array | tuple[jax.Array, jax.Array]]
+# Images [B, H, W, C] in [-1, 1], or (images, trajectory [B, K, H, W, C]).
+Samples = jax.Array | tuple[jax.Array, jax.Array]
+# What draws them: `sample_fn(params, rng, first_index)`. A `Sampler` is one; so is any wrapper
+# with that call.
+SampleFn = Callable[[Any, jax.Array, int], Samples]
 # One reverse step: (x_t [B, H, W, C], step index i) -> (x_{t-1}, predicted x_0), both [B, H, W, C].
 StepFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -140,7 +142,7 @@ def _sample_chain(
     num_steps: int,
     num_frames: int,
     **step_kwargs: Any,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> Samples:
     """Images first_index, ..., first_index + rows - 1: [rows, H, W, C] (and the trajectory).
 
     `step_kwargs` are `_denoise_step`'s model, d, model_t, sampler, eta and clip_denoised.
@@ -191,14 +193,14 @@ class Sampler:
 
             self._exact = shard(cut, out_shardings=replicated)
 
-    def __call__(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Any:
+    def __call__(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Samples:
         """Images first_index, ...: [batch_size, H, W, C] in [-1, 1] (or (images, trajectory))."""
         return self._exact(params, rng, jnp.asarray(first_index, jnp.int32))
 
     def sample_padded(
         self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0
-    ) -> tuple[Any, int]:
-        """(images [padded_size, H, W, C] sharded over the mesh, batch_size): the real rows first.
+    ) -> tuple[Samples, int]:
+        """(images [padded_size, H, W, C] sharded over the mesh, batch_size): real rows first.
 
         For consumers that keep streaming the batch on the devices; rows from `batch_size` on
         are images first_index + batch_size, ..., valid draws that the caller drops.
