@@ -314,6 +314,45 @@ def p_sample(
     return sample, out['pred_xstart']
 
 
+def ddim_step(
+    d: GaussianDiffusion,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    eta: float,
+    clip_denoised: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM step (Song et al. 2021, eq. 12) from x_t to x_{t-1} of the tables of `d`.
+
+    x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z, where x0 is the
+    model's prediction, eps the noise it implies, and sigma = eta sqrt(beta_tilde_t) (eq. 16;
+    eta = 1 is the DDPM posterior's variance, eta = 0 a deterministic step). `t` indexes the
+    tables of `d`, which for fewer sampling steps is the respaced diffusion; at t = 0,
+    abar_{t-1} = 1 and the step returns x0.
+
+    Args:
+      d: the diffusion (possibly respaced).
+      model_output: the model's output at (x_t, t), see `p_mean_variance`.
+      x_t: [B, H, W, C].
+      t: [B] int indices into the tables of `d`.
+      noise: [B, H, W, C] standard normal z.
+      eta: the noise scale, usually in [0, 1].
+      clip_denoised: clip the predicted x_0 to [-1, 1].
+
+    Returns:
+      (x_{t-1} [B, H, W, C], pred_xstart [B, H, W, C]).
+    """
+    pred_xstart = p_mean_variance(d, model_output, x_t, t, clip_denoised)['pred_xstart']
+    eps = predict_eps_from_xstart(d, x_t, t, pred_xstart)
+    abar = _extract(d.alphas_cumprod, t, x_t.shape)
+    abar_prev = _extract(d.alphas_cumprod_prev, t, x_t.shape)
+    sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    mean = jnp.sqrt(abar_prev) * pred_xstart + jnp.sqrt(1 - abar_prev - sigma**2) * eps
+    return mean + sigma * noise, pred_xstart
+
+
 # Likelihood terms.
 
 

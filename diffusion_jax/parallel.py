@@ -48,17 +48,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, num_devices: int, key: str) -> None:
-    """Raises BatchSizeError unless `batch_size` divides evenly over `num_devices`."""
+    """Raises BatchSizeError unless `batch_size` divides evenly over `num_devices`.
+
+    `key` is the config key that holds the batch size, e.g. 'config.training.batch_size': the
+    message ends with the command-line flag that sets it to the nearest size that works.
+    """
     if batch_size % num_devices:
-        nearby = sorted(
-            {
-                max(num_devices, batch_size // num_devices * num_devices),
-                (batch_size // num_devices + 1) * num_devices,
-            }
-        )
+        below = batch_size // num_devices * num_devices
+        above = below + num_devices
+        nearby = sorted({max(num_devices, below), above})
+        # The nearest multiple; a tie, or nothing below, rounds up.
+        fix = above if below == 0 or above - batch_size <= batch_size - below else below
         raise BatchSizeError(
             f'{key}={batch_size} does not divide over {num_devices} devices; use a multiple of '
-            f'{num_devices}, e.g. {" or ".join(str(n) for n in nearby)} (--{key}=...)'
+            f'{num_devices}, e.g. {" or ".join(str(n) for n in nearby)} (--{key}={fix})'
         )
 
 

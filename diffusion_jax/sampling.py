@@ -2,13 +2,19 @@
 
 Ancestral sampling is the paper's Algorithm 2 (Ho et al. 2020); with fewer steps than T it uses
 Improved DDPM's respacing (Nichol & Dhariwal 2021, section 4: betas recomputed from alpha_bar on
-the kept steps). `ddim` is Song et al. 2021, eq. 12, with noise scale eta. Every step runs inside
-one `jax.lax.scan`, so compile time and memory do not grow with the number of steps.
+the kept steps). `ddim` is Song et al. 2021, eq. 12, with noise scale eta
+(`diffusion.ddim_step`). Both samplers and the interpolation of Ho et al. 2020, section 6.3 run
+the same reverse chain: every step inside one `jax.lax.scan`, so compile time and memory do not
+grow with the number of steps.
 
 Image i of a call depends only on (rng, first_index + i): its noise comes from
-`fold_in(rng, first_index + i)`, so batch size and device count do not change the images.
+`fold_in(rng, first_index + i)`, so batch size and device count do not change the images. Any
+batch size runs on any number of devices: a `Sampler` over a mesh draws the batch padded up to a
+multiple of the device count (the extra rows are images first_index + batch_size, ...) and
+drops the padding.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +29,13 @@ from diffusion_jax import options, parallel
 # How many predicted x_0 snapshots `return_trajectory=True` records (the paper's Figure 6).
 NUM_TRAJECTORY_FRAMES = 10
 
-SampleFn = Callable[..., Any]
+# Images [B, H, W, C] in [-1, 1], or (images, trajectory [B, K, H, W, C]).
+Samples = jax.Array | tuple[jax.Array, jax.Array]
+# What draws them: `sample_fn(params, rng, first_index)`. A `Sampler` is one; so is any wrapper
+# with that call.
+SampleFn = Callable[[Any, jax.Array, int], Samples]
+# One reverse step: (x_t [B, H, W, C], step index i) -> (x_{t-1}, predicted x_0), both [B, H, W, C].
+StepFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -54,6 +66,152 @@ def _normal_per_image(keys: jax.Array, step: jax.Array, shape: tuple[int, ...]) 
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape))(keys)
 
 
+def _denoise_step(
+    model: Any,
+    params: Any,
+    d: diffusion_lib.GaussianDiffusion,
+    model_t: np.ndarray,
+    noise: Callable[[jax.Array], jax.Array],
+    *,
+    sampler: str,
+    eta: float,
+    clip_denoised: bool,
+) -> StepFn:
+    """Step i of the chain: the model at timestep `model_t[i]`, then `sampler`'s update.
+
+    `d` is the diffusion whose tables step i indexes (respaced for fewer steps than T) and
+    `noise(i)` the z [B, H, W, C] of step i.
+    """
+    model_t = jnp.asarray(model_t, jnp.int32)
+
+    def step(x, i):
+        batch = x.shape[0]
+        out = model.apply({'params': params}, x, jnp.full((batch,), model_t[i]), train=False)
+        t = jnp.full((batch,), i, jnp.int32)
+        if sampler == 'ancestral':
+            return diffusion_lib.p_sample(d, out, x, t, noise(i), clip_denoised=clip_denoised)
+        return diffusion_lib.ddim_step(d, out, x, t, noise(i), eta=eta, clip_denoised=clip_denoised)
+
+    return step
+
+
+def _reverse_chain(
+    step: StepFn, x_init: jax.Array, num_steps: int, *, num_frames: int = 0
+) -> tuple[jax.Array, jax.Array | None]:
+    """Runs `x = step(x, i)[0]` for i = num_steps - 1 down to 0 in one `lax.scan`.
+
+    Args:
+      step: one reverse step, see `StepFn`.
+      x_init: [B, H, W, C] the start of the chain (x_T, or the noised latents).
+      num_steps: the chain's length.
+      num_frames: record the predicted x_0 at this many evenly spaced steps; 0 records none.
+
+    Returns:
+      (x_0 [B, H, W, C], trajectory [B, num_frames, H, W, C] with the noisiest frame first, or
+      None when `num_frames` is 0).
+    """
+    # Step i (counting down) records frame slot[i] when slot[i] >= 0.
+    slot = np.full(num_steps, -1, np.int32)
+    if num_frames:
+        slot[spaced_timesteps(num_steps, num_frames)[::-1]] = np.arange(num_frames)
+    slot = jnp.asarray(slot)
+
+    def body(carry, i):
+        x, traj = carry
+        x, pred_x0 = step(x, i)
+        if num_frames:
+            k = slot[i]
+            updated = jax.lax.dynamic_update_index_in_dim(traj, pred_x0, jnp.maximum(k, 0), 0)
+            traj = jnp.where(k >= 0, updated, traj)
+        return (x, traj), None
+
+    traj_init = jnp.zeros((num_frames, *x_init.shape), jnp.float32)
+    steps = jnp.arange(num_steps - 1, -1, -1)
+    (x, traj), _ = jax.lax.scan(body, (x_init, traj_init), steps)
+    return x, (jnp.moveaxis(traj, 0, 1) if num_frames else None)
+
+
+def _sample_chain(
+    params: Any,
+    rng: jax.Array,
+    first_index: jax.Array,
+    *,
+    rows: int,
+    mesh: Mesh | None,
+    image_shape: tuple[int, int, int],
+    num_steps: int,
+    num_frames: int,
+    **step_kwargs: Any,
+) -> Samples:
+    """Images first_index, ..., first_index + rows - 1: [rows, H, W, C] (and the trajectory).
+
+    `step_kwargs` are `_denoise_step`'s model, d, model_t, sampler, eta and clip_denoised.
+    """
+    keys = _per_image_keys(rng, first_index, rows)
+    if mesh is not None:  # every device runs the whole chain on its slice of the batch
+        keys = jax.lax.with_sharding_constraint(keys, parallel.batch_sharding(mesh))
+    step = _denoise_step(
+        params=params, noise=lambda i: _normal_per_image(keys, i + 1, image_shape), **step_kwargs
+    )
+    x_init = _normal_per_image(keys, 0, image_shape)
+    x, traj = _reverse_chain(step, x_init, num_steps, num_frames=num_frames)
+    return x if traj is None else (x, traj)
+
+
+class Sampler:
+    """A compiled sampler: `sampler(params, rng, first_index=0)` -> [batch_size, H, W, C].
+
+    Over a mesh the chain runs on `padded_size` rows, `batch_size` rounded up to a multiple of the
+    device count, sharded along the batch; parameters and rng are replicated. Row i is image
+    first_index + i whatever the padding, so the padding changes no image.
+
+    Attributes:
+      batch_size: images per call.
+      padded_size: rows the chain computes per call (`batch_size` without a mesh).
+      mesh: the device mesh, or None for default placement.
+    """
+
+    def __init__(self, chain: Callable[..., Any], *, batch_size: int, mesh: Mesh | None):
+        """`chain(params, rng, first_index, rows=n)` draws images first_index, ... (n rows)."""
+        self.batch_size = batch_size
+        self.mesh = mesh
+        devices = 1 if mesh is None else mesh.size
+        self.padded_size = -(-batch_size // devices) * devices
+        padded = functools.partial(chain, rows=self.padded_size)
+        if mesh is None:
+            self._padded = self._exact = jax.jit(padded)
+            return
+        replicated = parallel.replicated(mesh)
+        shard = functools.partial(jax.jit, in_shardings=(replicated, replicated, replicated))
+        self._padded = shard(padded, out_shardings=parallel.batch_sharding(mesh))
+        if self.padded_size == batch_size:
+            self._exact = self._padded
+        else:  # 5 rows cannot be split over 8 devices: the cut batch is replicated
+
+            def cut(*args):
+                return jax.tree.map(lambda x: x[:batch_size], padded(*args))
+
+            self._exact = shard(cut, out_shardings=replicated)
+
+    def __call__(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Samples:
+        """Images first_index, ...: [batch_size, H, W, C] in [-1, 1] (or (images, trajectory))."""
+        return self._exact(params, rng, jnp.asarray(first_index, jnp.int32))
+
+    def sample_padded(
+        self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0
+    ) -> tuple[Samples, int]:
+        """(images [padded_size, H, W, C] sharded over the mesh, batch_size): real rows first.
+
+        For consumers that keep streaming the batch on the devices; rows from `batch_size` on
+        are images first_index + batch_size, ..., valid draws that the caller drops.
+        """
+        return self._padded(params, rng, jnp.asarray(first_index, jnp.int32)), self.batch_size
+
+    def lower(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Any:
+        """Ahead-of-time lowering of `__call__`: `.compile()(params, rng, np.int32(i))`."""
+        return self._exact.lower(params, rng, jnp.asarray(first_index, jnp.int32))
+
+
 def make_sample_fn(
     model: Any,
     diffusion: diffusion_lib.GaussianDiffusion,
@@ -66,13 +224,13 @@ def make_sample_fn(
     clip_denoised: bool = True,
     return_trajectory: bool = False,
     mesh: Mesh | None = None,
-) -> SampleFn:
-    """Returns a jitted `sample_fn(params, rng, first_index=0)`.
+) -> Sampler:
+    """Returns a `Sampler`: `sampler(params, rng, first_index=0)`, jitted.
 
     Args:
       model: linen module, `model.apply({'params': p}, x, t, train=False)`.
       diffusion: the diffusion the model was trained with.
-      batch_size: images per call.
+      batch_size: images per call (any number, whatever the device count).
       image_shape: (H, W, C).
       sampler: 'ancestral' or 'ddim'.
       num_steps: reverse steps; None means all T (ancestral) and is required to be <= T.
@@ -81,77 +239,32 @@ def make_sample_fn(
       return_trajectory: also return predicted x_0 at `NUM_TRAJECTORY_FRAMES` evenly spaced
         steps, [B, K, H, W, C], first frame the noisiest.
       mesh: shard the batch over this device mesh (`parallel.create_mesh()`), parameters
-        replicated; `batch_size` must divide over its devices. None: default placement.
+        replicated; a batch that does not divide over its devices is padded and cut (see
+        `Sampler`). None: default placement.
 
     Returns:
-      `sample_fn(params, rng, first_index=0) -> images [B, H, W, C] float32 in [-1, 1]`
-      (or `(images, trajectory)`); `first_index` offsets the per-image keys.
+      `sampler(params, rng, first_index=0) -> images [B, H, W, C] float32 in [-1, 1]`
+      (or `(images, trajectory)`); `first_index` offsets the per-image keys. Also
+      `sampler.lower(...)` and `sampler.sample_padded(...)`.
     """
     options.check_choice('sampler', sampler, options.SAMPLERS)
     num_steps = diffusion.num_timesteps if num_steps is None else num_steps
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
     d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion
-    model_t = jnp.asarray(timesteps)
-    shape = (batch_size, *image_shape)
-    frames = min(NUM_TRAJECTORY_FRAMES, num_steps)
-    # Step i (counting down) records frame slot[i] when slot[i] >= 0.
-    slot = np.full(num_steps, -1, np.int32)
-    slot[spaced_timesteps(num_steps, frames)[::-1]] = np.arange(frames)
-    slot = jnp.asarray(slot)
-
-    def step(params, keys, x, i):
-        t = jnp.full((batch_size,), i, jnp.int32)
-        out = model.apply({'params': params}, x, jnp.full((batch_size,), model_t[i]), train=False)
-        z = _normal_per_image(keys, i + 1, image_shape)
-        if sampler == 'ancestral':
-            return diffusion_lib.p_sample(d, out, x, t, z, clip_denoised=clip_denoised)
-        pred_x0 = diffusion_lib.p_mean_variance(d, out, x, t, clip_denoised)['pred_xstart']
-        eps = diffusion_lib.predict_eps_from_xstart(d, x, t, pred_x0)
-        abar, abar_prev = d.alphas_cumprod[i], d.alphas_cumprod_prev[i]
-        sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-        mean = jnp.sqrt(abar_prev) * pred_x0 + jnp.sqrt(1 - abar_prev - sigma**2) * eps
-        return mean + sigma * z, pred_x0
-
-    def sample(params, rng, first_index):
-        keys = _per_image_keys(rng, jnp.asarray(first_index, jnp.int32), batch_size)
-        if mesh is not None:  # every device runs the whole chain on its slice of the batch
-            keys = jax.lax.with_sharding_constraint(keys, parallel.batch_sharding(mesh))
-        x_init = _normal_per_image(keys, 0, image_shape)
-        traj_init = jnp.zeros((frames, *shape), jnp.float32)
-
-        def body(carry, i):
-            x, traj = carry
-            x, pred_x0 = step(params, keys, x, i)
-            if return_trajectory:
-                k = slot[i]
-                updated = jax.lax.dynamic_update_index_in_dim(traj, pred_x0, jnp.maximum(k, 0), 0)
-                traj = jnp.where(k >= 0, updated, traj)
-            return (x, traj), None
-
-        (x, traj), _ = jax.lax.scan(body, (x_init, traj_init), jnp.arange(num_steps - 1, -1, -1))
-        if return_trajectory:
-            return x, jnp.moveaxis(traj, 0, 1)
-        return x
-
-    if mesh is None:
-        jit_sample = jax.jit(sample)
-    else:
-        parallel.check_batch_size(batch_size, mesh.size, 'sampling batch_size')
-        replicated = parallel.replicated(mesh)
-        jit_sample = jax.jit(
-            sample,
-            in_shardings=(replicated, replicated, replicated),
-            out_shardings=parallel.batch_sharding(mesh),
-        )
-
-    def sample_fn(params, rng, first_index=0):
-        return jit_sample(params, rng, jnp.asarray(first_index, jnp.int32))
-
-    # For ahead-of-time compilation (benchmarks): sample_fn.lower(params, rng).compile().
-    sample_fn.lower = lambda params, rng, first_index=0: jit_sample.lower(
-        params, rng, jnp.asarray(first_index, jnp.int32)
+    chain = functools.partial(
+        _sample_chain,
+        mesh=mesh,
+        image_shape=image_shape,
+        num_steps=num_steps,
+        num_frames=min(NUM_TRAJECTORY_FRAMES, num_steps) if return_trajectory else 0,
+        model=model,
+        d=d,
+        model_t=timesteps,
+        sampler=sampler,
+        eta=eta,
+        clip_denoised=clip_denoised,
     )
-    return sample_fn
+    return Sampler(chain, batch_size=batch_size, mesh=mesh)
 
 
 def make_score_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion) -> Callable:
@@ -187,8 +300,9 @@ def make_interpolate_fn(
     Both sources are noised to step `t` with the same noise (the stochastic encoder q(x_t|x_0)),
     the latents are mixed as (1 - lambda) x_t^a + lambda x_t^b for `num_lambdas` values of
     lambda evenly spaced in [0, 1], and each mix is denoised by the ancestral chain from t down
-    to 0 (one `lax.scan` of t + 1 steps). The reverse noise is also shared across lambda, so
-    neighbouring columns differ only through lambda.
+    to 0 (the samplers' chain, one `lax.scan` of t + 1 steps). The reverse noise of step s is
+    drawn from `fold_in(split(rng)[1], s)` and shared across lambda, so neighbouring columns
+    differ only through lambda.
 
     Args (of `interpolate_fn`):
       x0_a, x0_b: [H, W, C] source images in [-1, 1].
@@ -203,6 +317,7 @@ def make_interpolate_fn(
     if num_lambdas < 2:
         raise ValueError(f'num_lambdas must be >= 2, got {num_lambdas}')
     lambdas = jnp.linspace(0.0, 1.0, num_lambdas).reshape(-1, 1, 1, 1)
+    shape = (num_lambdas, *image_shape)
 
     def interpolate_fn(params, x0_a, x0_b, rng):
         enc_rng, dec_rng = jax.random.split(rng)
@@ -212,16 +327,21 @@ def make_interpolate_fn(
         x_b = diffusion_lib.q_sample(diffusion, x0_b[None], t_enc, noise)
         x_t = (1.0 - lambdas) * x_a + lambdas * x_b
 
-        def body(x, i):
-            ts = jnp.full((num_lambdas,), i, jnp.int32)
-            out = model.apply({'params': params}, x, ts, train=False)
-            z = jnp.broadcast_to(
-                jax.random.normal(jax.random.fold_in(dec_rng, i), image_shape), x.shape
+        def shared_noise(i):
+            return jnp.broadcast_to(
+                jax.random.normal(jax.random.fold_in(dec_rng, i), image_shape), shape
             )
-            x, _ = diffusion_lib.p_sample(diffusion, out, x, ts, z, clip_denoised=clip_denoised)
-            return x, None
 
-        x, _ = jax.lax.scan(body, x_t, jnp.arange(t, -1, -1))
-        return x
+        step = _denoise_step(
+            model,
+            params,
+            diffusion,
+            np.arange(t + 1),
+            shared_noise,
+            sampler='ancestral',
+            eta=0.0,
+            clip_denoised=clip_denoised,
+        )
+        return _reverse_chain(step, x_t, t + 1)[0]
 
     return jax.jit(interpolate_fn)

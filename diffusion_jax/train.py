@@ -217,12 +217,10 @@ def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn |
     config = exp.config
     if not config.training.sample_every_steps:
         return None
-    # Up to 64 images for the grid, a multiple of the device count.
-    devices = mesh.size
     return sampling.make_sample_fn(
         exp.model,
         exp.diffusion,
-        batch_size=max(devices, min(config.sampling.num_samples, 64) // devices * devices),
+        batch_size=min(config.sampling.num_samples, 64),  # any size: the sampler pads it
         image_shape=exp.image_shape,
         clip_denoised=config.sampling.clip_denoised,
         mesh=mesh,

@@ -459,5 +459,46 @@ class TransformTest(parameterized.TestCase):
             diffusion_lib.GaussianDiffusion.create(np.array([0.1]))
 
 
+class DdimStepTest(parameterized.TestCase):
+    """One DDIM step against Song et al. 2021, eq. 12, written out in float64 NumPy."""
+
+    @parameterized.product(eta=(0.0, 1.0), clip=(False, True))
+    def test_ddim_step_matches_eq_12(self, eta, clip):
+        d = _make('eps', 'fixedlarge')
+        shape = (len(TS), 2, 2, 1)
+        x_t, eps_out, z = _rand(0, shape, -2.0, 2.0), _rand(1, shape), _rand(2, shape)
+        got_x, got_x0 = diffusion_lib.ddim_step(
+            d, eps_out, x_t, jnp.asarray(TS), z, eta=eta, clip_denoised=clip
+        )
+        for i, t in enumerate(TS):
+            ab, ab_prev = REF.alpha_bar[t], REF.alpha_bar_prev[t]
+            x_t64, eps64 = x_t[i].astype(np.float64), eps_out[i].astype(np.float64)
+            # Eq. 12's "predicted x_0", and the noise direction that the (clipped) x_0 implies.
+            x0 = (x_t64 - math.sqrt(1 - ab) * eps64) / math.sqrt(ab)
+            if clip:
+                x0 = np.clip(x0, -1.0, 1.0)
+            eps = (x_t64 - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+            # eta = 1: sigma_t^2 is the DDPM posterior variance beta_tilde_t (Ho et al. eq. 7,
+            # here by Bayes' rule; 0 at t = 0). eta = 0: no noise, a deterministic step.
+            sigma2 = REF.posterior(0.0, 0.0, t)[1] if eta == 1.0 else 0.0
+            expected = (
+                math.sqrt(ab_prev) * x0
+                + math.sqrt(1 - ab_prev - sigma2) * eps
+                + math.sqrt(sigma2) * z[i]
+            )
+            np.testing.assert_allclose(got_x0[i], x0, rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(got_x[i], expected, rtol=RTOL, atol=ATOL)
+
+    def test_the_last_step_returns_the_predicted_x0(self):
+        # At code t = 0, alpha_bar_{t-1} = 1: x_{-1} is the prediction itself, whatever eta.
+        d = _make('xstart', 'fixedsmall')
+        x0_out, x_t, z = _rand(0, (3, 2, 2, 1)), _rand(1, (3, 2, 2, 1)), _rand(2, (3, 2, 2, 1))
+        for eta in (0.0, 1.0):
+            x, _ = diffusion_lib.ddim_step(
+                d, x0_out, x_t, jnp.zeros(3, jnp.int32), z, eta=eta, clip_denoised=False
+            )
+            np.testing.assert_allclose(x, x0_out, rtol=1e-6, atol=1e-6)
+
+
 if __name__ == '__main__':
     absltest.main()

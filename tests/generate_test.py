@@ -15,7 +15,17 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from configs import digits
-from diffusion_jax import config_lib, experiment, generate, image_io, models, sampling, train
+from diffusion_jax import (
+    checkpointing,
+    config_lib,
+    experiment,
+    generate,
+    image_io,
+    models,
+    parallel,
+    sampling,
+    train,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -196,18 +206,22 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import sys
     import jax, numpy as np
     from generate_test import tiny_config
-    from diffusion_jax import experiment, models, parallel, sampling
-    assert jax.device_count() == int(sys.argv[2]), jax.devices()
-    config = tiny_config()
-    model = models.get_model(config)
-    params = model.init(jax.random.key(1), np.zeros((1, 8, 8, 1), np.float32),
-                        np.zeros((1,), np.int32), train=False)['params']
-    sample_fn = sampling.make_sample_fn(
-        model, experiment.create_diffusion(config), batch_size=8, image_shape=(8, 8, 1),
-        mesh=parallel.create_mesh())
-    images = sample_fn(params, jax.random.key(5), 3)
-    assert len(images.sharding.device_set) == jax.device_count()
-    np.save(sys.argv[1], np.asarray(images))
+    from diffusion_jax import generate, parallel
+    out, count, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    assert jax.device_count() == count, jax.devices()
+    config, rng = tiny_config(), jax.random.key(5)
+    # load_sampler shards over every device: 8 images split evenly; 5 are drawn as 8 (on 8
+    # devices) and cut, where they used to be refused.
+    sample8, params, _, _ = generate.load_sampler(workdir, config, batch_size=8)
+    sample5, *_ = generate.load_sampler(workdir, config, batch_size=5)
+    images8, images5 = sample8(params, rng, 3), sample5(params, rng, 3)
+    assert len(images8.sharding.device_set) == count
+    assert images5.shape == (5, 8, 8, 1), images5.shape
+    padded, real = sample5.sample_padded(params, rng, 3)
+    assert real == 5 and padded.shape[0] == -(-5 // count) * count, (real, padded.shape)
+    assert padded.sharding == parallel.batch_sharding(sample5.mesh), padded.sharding
+    np.savez(out, images8=np.asarray(images8), images5=np.asarray(images5),
+             padded=np.asarray(padded))
 """)
 
 
@@ -228,15 +242,22 @@ class MergeConfigTest(parameterized.TestCase):
 
 
 class DeviceCountTest(parameterized.TestCase):
-    def test_eight_devices_draw_the_same_images_as_one(self):
+    def test_eight_devices_draw_the_same_images_as_one_for_any_batch_size(self):
         results = []
         with tempfile.TemporaryDirectory() as tmp:
+            # One untrained checkpoint (the initial state) that both processes sample from.
+            config, workdir = tiny_config(), os.path.join(tmp, 'run')
+            exp = experiment.build(config)
+            state = exp.init_state(jax.random.key(1), parallel.create_mesh())
+            ckpt_dir = generate.checkpoint_dir(workdir)
+            with checkpointing.Checkpointer(ckpt_dir, keep=1, save_every_steps=1) as ckpt:
+                ckpt.save(0, state, meta={'config': config.to_dict()}, force=True)
             for count in (1, 8):
-                out = os.path.join(tmp, f'{count}.npy')
+                out = os.path.join(tmp, f'{count}.npz')
                 env = fast_compile.env(count)
                 env['PYTHONPATH'] = os.pathsep.join([str(REPO / 'tests'), str(REPO)])
                 proc = subprocess.run(
-                    [sys.executable, '-c', _EIGHT_DEVICES, out, str(count)],
+                    [sys.executable, '-c', _EIGHT_DEVICES, out, str(count), workdir],
                     cwd=REPO,
                     env=env,
                     capture_output=True,
@@ -244,9 +265,17 @@ class DeviceCountTest(parameterized.TestCase):
                     timeout=300,
                 )
                 self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-                results.append(np.load(out))
+                with np.load(out) as f:
+                    results.append(dict(f))
+        one, eight = results
         # Same keys per image; only the batch per device differs (8 vs 1 image per conv call).
-        np.testing.assert_allclose(results[1], results[0], atol=1e-5)
+        np.testing.assert_allclose(eight['images8'], one['images8'], atol=1e-5)
+        np.testing.assert_allclose(eight['images5'], one['images5'], atol=1e-5)
+        # Image i is image i whatever the batch: batch 5 is the first 5 of batch 8, and its
+        # padding rows are images 3 + 5, 3 + 6, 3 + 7.
+        np.testing.assert_allclose(eight['images5'], eight['images8'][:5], atol=1e-5)
+        np.testing.assert_allclose(eight['padded'], eight['images8'], atol=1e-5)
+        self.assertEqual(one['padded'].shape[0], 5)  # one device: nothing to pad
 
 
 if __name__ == '__main__':

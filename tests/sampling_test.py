@@ -11,7 +11,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import sampling, schedules
+from diffusion_jax import parallel, sampling, schedules
 
 SHAPE = (4, 4, 1)
 
@@ -220,6 +220,28 @@ class AncestralTest(parameterized.TestCase):
             sampling.make_sample_fn(
                 ScaleModel(), _diffusion(10), batch_size=1, image_shape=SHAPE, sampler='euler'
             )
+
+
+class SamplerTest(parameterized.TestCase):
+    def test_compiled_ahead_of_time_and_padded_it_draws_the_same_images(self):
+        params, rng = {'w': jnp.float32(0.3)}, jax.random.key(6)
+        sampler = sampling.make_sample_fn(
+            ScaleModel(),
+            _diffusion(10),
+            batch_size=3,
+            image_shape=SHAPE,
+            mesh=parallel.create_mesh(),
+        )
+        images = sampler(params, rng, 2)
+        self.assertEqual(images.shape, (3, *SHAPE))
+        compiled = sampler.lower(params, rng, 2).compile()
+        np.testing.assert_array_equal(compiled(params, rng, np.int32(2)), images)
+        padded, real = sampler.sample_padded(params, rng, 2)
+        devices = jax.device_count()
+        self.assertEqual(real, 3)
+        self.assertEqual(padded.shape, (-(-3 // devices) * devices, *SHAPE))
+        self.assertEqual(padded.sharding, parallel.batch_sharding(sampler.mesh))
+        np.testing.assert_array_equal(padded[:3], images)
 
 
 class RespacingTest(parameterized.TestCase):
