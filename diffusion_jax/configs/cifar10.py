@@ -83,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.eta = 0.0  # DDIM noise scale (0 = deterministic)
     sampling.clip_denoised = True  # clip the predicted x0 to [-1, 1]
     sampling.num_samples = 64  # --mode=sample: images written to samples/samples_<step>.npz
-    sampling.batch_size = 256  # images per device-parallel call; divides over the devices
+    sampling.batch_size = 256  # images per device-parallel call; any size (padded to the devices)
     sampling.seed = 0  # image i uses fold_in(PRNGKey(seed), i)
     sampling.checkpoint_step = config_dict.placeholder(int)  # None: the newest checkpoint
     sampling.interpolate = ''  # 'I,J': interpolate eval images I and J (paper section 6.3)
