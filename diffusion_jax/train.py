@@ -24,6 +24,7 @@ from diffusion_jax import (
     image_io,
     input_pipeline,
     parallel,
+    preemption,
     sampling,
     summary,
 )
@@ -301,7 +302,7 @@ def train_and_evaluate(
     writer = summary.SummaryWriter(workdir) if jax.process_index() == 0 else None
     last_saved = start_step
     try:
-        with checkpointing.PreemptionGuard() as guard:
+        with preemption.PreemptionGuard() as guard:
             nonfinite = _NonFiniteSteps(config.training.max_nonfinite_steps)
             for step in range(start_step, num_steps):
                 batch = next(batches)
