@@ -261,10 +261,10 @@ def _table(results: dict) -> str:
     for name, row in results['sampling_50k'].items():
         minutes = '-' if row['minutes'] is None else f'{row["minutes"]:.1f} min'
         lines.append(f'| 50k samples, {name} | {minutes} | | | |')
-    d = results['digits_cli']
-    loss = '-' if d['final_loss'] is None else f'{d["final_loss"]:.4f}'
+    cli = results['digits_cli']
+    loss = '-' if cli['final_loss'] is None else f'{cli["final_loss"]:.4f}'
     lines.append(
-        f'| digits CLI, {d["num_train_steps"]} steps | {d["seconds"]} s, loss {loss} | | | |'
+        f'| digits CLI, {cli["num_train_steps"]} steps | {cli["seconds"]} s, loss {loss} | | | |'
     )
     t = results['gpu_tests']
     lines.append(

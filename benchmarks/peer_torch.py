@@ -113,11 +113,11 @@ def create_unet(suite: str, device: torch.device) -> diffusers.UNet2DModel:
 
 
 def _ddpm_scheduler(config) -> diffusers.DDPMScheduler:
-    d = config.diffusion
+    diffusion = config.diffusion
     return diffusers.DDPMScheduler(
-        num_train_timesteps=d.num_timesteps,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
+        num_train_timesteps=diffusion.num_timesteps,
+        beta_start=diffusion.beta_start,
+        beta_end=diffusion.beta_end,
         beta_schedule='linear',
         variance_type='fixed_large',
         clip_sample=True,
@@ -186,11 +186,11 @@ def bench_sampler(
     if sampler == 'ancestral':
         scheduler = _ddpm_scheduler(config)
     else:
-        d = config.diffusion
+        diffusion = config.diffusion
         scheduler = diffusers.DDIMScheduler(
-            num_train_timesteps=d.num_timesteps,
-            beta_start=d.beta_start,
-            beta_end=d.beta_end,
+            num_train_timesteps=diffusion.num_timesteps,
+            beta_start=diffusion.beta_start,
+            beta_end=diffusion.beta_end,
             beta_schedule='linear',
             clip_sample=True,
             set_alpha_to_one=True,  # our last DDIM step goes to alpha_bar = 1

@@ -1,4 +1,4 @@
-"""Checkpointing for the training loop: orbax save, validated restore, SIGTERM handling.
+"""Checkpointing for the training loop: orbax save and validated restore.
 
 A checkpoint holds two items: `state` (the train state pytree: params, ema_params, opt_state,
 step, rng) written with `ocp.args.StandardSave`, and `meta` (a JSON dict: config, step, ...)
@@ -16,8 +16,6 @@ complete step (training moves the failed step aside to `<step>.corrupt`).
 import dataclasses
 import json
 import re
-import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,6 +224,41 @@ class Checkpointer:
             CheckpointError: no complete step exists, `step` is not complete, or every tried step
                 failed to restore; the message lists each step tried and its error.
         """
+        candidates = self._restore_candidates(step)
+        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        )
+        failures = {}  # step -> short error message, in the order tried
+        for candidate in candidates:
+            try:
+                restored = self._manager.restore(candidate, args=args)
+            except Exception as e:  # orbax/tensorstore raise several types for damaged files
+                failures[candidate] = _short(e)
+                logging.warning(
+                    'Checkpoint step %d in %s failed to restore (%s); trying the previous step.',
+                    candidate,
+                    self.directory,
+                    failures[candidate],
+                )
+                continue
+            logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
+            if set_aside_failed and failures:
+                self._set_aside(list(failures))
+            return restored['state'], restored['meta']
+        raise CheckpointError(
+            f'no checkpoint in {self.directory} could be restored; tried '
+            + '; '.join(f'step {s}: {message}' for s, message in failures.items())
+            + ' (damaged files, or a checkpoint of another model: restore them from a copy, or '
+            'move the folder away to start afresh; nothing was changed)'
+        )
+
+    def _restore_candidates(self, step: int | None) -> list[int]:
+        """The steps `restore` tries, in order: `[step]`, or every complete step newest first.
+
+        Raises:
+            CheckpointError: `step` is given but not complete, or no complete step exists.
+        """
         complete = self._complete_steps()
         if step is not None and step not in complete:
             raise CheckpointError(
@@ -235,35 +268,7 @@ class Checkpointer:
         candidates = [step] if step is not None else complete[::-1]
         if not candidates:
             raise CheckpointError(f'no complete checkpoint in {self.directory}')
-        abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        )
-        failures, failed_steps = [], []
-        for candidate in candidates:
-            try:
-                restored = self._manager.restore(candidate, args=args)
-            except Exception as e:  # orbax/tensorstore raise several types for damaged files
-                message = _short(e)
-                logging.warning(
-                    'Checkpoint step %d in %s failed to restore (%s); trying the previous step.',
-                    candidate,
-                    self.directory,
-                    message,
-                )
-                failures.append(f'step {candidate}: {message}')
-                failed_steps.append(candidate)
-                continue
-            logging.info('Restored checkpoint step %d from %s.', candidate, self.directory)
-            if set_aside_failed and failures:
-                self._set_aside(failed_steps)
-            return restored['state'], restored['meta']
-        raise CheckpointError(
-            f'no checkpoint in {self.directory} could be restored; tried '
-            + '; '.join(failures)
-            + ' (damaged files, or a checkpoint of another model: restore them from a copy, or '
-            'move the folder away to start afresh; nothing was changed)'
-        )
+        return candidates
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON `meta` of checkpoint `step` (default: the newest complete one), no arrays.
@@ -343,73 +348,3 @@ class Checkpointer:
                 _STEP_METADATA_FILE,
             )
         return sorted(complete)
-
-
-def _reached_preemption_sync_point(step: int) -> bool:
-    try:
-        return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # jax_enable_preemption_service is off: no notice can arrive.
-        return False
-
-
-class PreemptionGuard:
-    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls.
-
-    On a single host (no `jax.distributed`) it installs handlers for SIGTERM (the preemption
-    notice of Cloud TPU / GCE / Kubernetes) and SIGINT that set `requested`; a second SIGINT
-    raises KeyboardInterrupt. Under `jax.distributed` it installs nothing: JAX's preemption
-    service owns SIGTERM (a Python handler would replace its C++ one) and `should_stop` asks it
-    for the step at which all hosts stop together.
-
-    Usage (must be entered in the main thread):
-        with checkpointing.PreemptionGuard() as guard:
-            for step in range(start, num_train_steps):
-                state, metrics = jit_train_step(state, batch, rng)
-                ckpt.save(step + 1, state, meta=meta)
-                if guard.should_stop(step + 1):
-                    ckpt.save(step + 1, state, meta=meta, force=True)
-                    break
-    """
-
-    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self._requested = threading.Event()
-        self._previous_handlers: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        """Whether this process received SIGTERM or SIGINT inside the guard."""
-        return self._requested.is_set()
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save now and exit; all hosts agree under `jax.distributed`.
-
-        Args:
-            step: number of completed train steps; under `jax.distributed` every host must call
-                this at every step, starting from the same step.
-        """
-        if jax.distributed.is_initialized():
-            return _reached_preemption_sync_point(step)
-        return self.requested
-
-    def __enter__(self) -> 'PreemptionGuard':
-        if not jax.distributed.is_initialized():
-            for signum in self._SIGNALS:
-                self._previous_handlers[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous_handlers.items():
-            # None: the old handler was not installed from Python; the default is the best guess.
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous_handlers.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        self._requested.set()
-        logging.warning(
-            'Received %s: will checkpoint and stop after this step.', signal.Signals(signum).name
-        )

@@ -157,7 +157,7 @@ def _load_folder(data_config: ml_collections.ConfigDict, split: str) -> np.ndarr
         raise DatasetError(f"dataset 'folder': {root} is not a folder; check --config.data.path")
     if os.path.isdir(os.path.join(root, split)):
         root = os.path.join(root, split)
-    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(root) for f in files)
     image_paths = [p for p in paths if p.lower().endswith(_IMAGE_EXTENSIONS)]
     if skipped := len(paths) - len(image_paths):
         logging.warning("dataset 'folder': skipped %d non-PNG/JPEG files in %s", skipped, root)

@@ -29,6 +29,7 @@ from diffusion_jax import (
     input_pipeline,
     lead,
     parallel,
+    preemption,
     sampling,
     summary,
 )
@@ -36,6 +37,47 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
 NUM_T_BUCKETS = 4  # loss is also reported per quarter of [0, T)
+
+
+def _skip_if_nonfinite(
+    new_state: train_state_lib.TrainState,
+    state: train_state_lib.TrainState,
+    loss: jax.Array,
+    grads: optax.Updates,
+) -> tuple[train_state_lib.TrainState, jax.Array]:
+    """`new_state` if the loss and every gradient are finite, else `state` with the step + 1.
+
+    A non-finite loss or gradient leaves params, EMA and optimizer state as they were; the step
+    still counts, so the rng stream and the data order stay those of a clean run.
+
+    Returns:
+      (the state to keep, scalar bool `finite`).
+    """
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    kept = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        new_state,
+        state.replace(step=state.step + 1),
+    )
+    return kept, finite
+
+
+def _loss_per_quarter(loss: jax.Array, t: jax.Array, num_timesteps: int) -> dict[str, jax.Array]:
+    """The mean of `loss` [B] over the examples whose t [B] falls in each quarter of [0, T).
+
+    Returns:
+      {'loss_q0': .., 'loss_q3': ..}, scalars; NaN for a quarter that got no example.
+    """
+    bucket = t * NUM_T_BUCKETS // num_timesteps
+    metrics = {}
+    for q in range(NUM_T_BUCKETS):
+        mask = bucket == q
+        count = jnp.sum(mask)
+        total = jnp.sum(jnp.where(mask, loss, 0.0))
+        metrics[f'loss_q{q}'] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    return metrics
 
 
 def train_step(
@@ -84,16 +126,7 @@ def train_step(
     new_state = state.apply_gradients(grads=grads)
     ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
     new_state = new_state.replace(ema_params=ema)
-    # A non-finite loss or gradient leaves params, EMA and optimizer state as they were; the
-    # step still counts, so the rng stream and the data order stay those of a clean run.
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        new_state,
-        state.replace(step=state.step + 1),
-    )
+    new_state, finite = _skip_if_nonfinite(new_state, state, loss, grads)
     metrics = {
         'nonfinite': 1.0 - finite.astype(jnp.float32),
         'loss': loss,
@@ -102,12 +135,7 @@ def train_step(
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': learning_rate_fn(state.step),
     }
-    bucket = t * NUM_T_BUCKETS // diffusion.num_timesteps
-    for q in range(NUM_T_BUCKETS):
-        mask = bucket == q
-        count = jnp.sum(mask)
-        total = jnp.sum(jnp.where(mask, losses['loss'], 0.0))
-        metrics[f'loss_q{q}'] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    metrics.update(_loss_per_quarter(losses['loss'], t, diffusion.num_timesteps))
     return new_state, metrics
 
 
@@ -359,7 +387,7 @@ def train_and_evaluate(
     run = _Run(config, workdir, ckpt, files, files.summary(workdir), progress,
                _grid_sampler(exp, mesh), sample_rng, last_saved=start_step)  # fmt: skip
     try:
-        with checkpointing.PreemptionGuard() as guard:
+        with preemption.PreemptionGuard() as guard:
             nonfinite = _NonFiniteSteps(training.max_nonfinite_steps)
             for step in range(start_step, training.num_train_steps):
                 state, metrics = jit_train_step(state, next(batches), train_rng)

@@ -23,7 +23,7 @@ import optax
 from absl.testing import absltest, parameterized
 from flax.training import train_state
 
-from diffusion_jax import checkpointing
+from diffusion_jax import checkpointing, preemption
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -292,7 +292,7 @@ class PreemptionGuardTest(parameterized.TestCase):
     @parameterized.named_parameters(('sigterm', signal.SIGTERM), ('sigint', signal.SIGINT))
     def test_signal_inside_the_guard_sets_requested_and_handlers_are_restored(self, signum):
         previous = signal.getsignal(signum)
-        with checkpointing.PreemptionGuard() as guard:
+        with preemption.PreemptionGuard() as guard:
             self.assertFalse(guard.requested)
             self.assertFalse(guard.should_stop(1))
             os.kill(os.getpid(), signum)
@@ -310,11 +310,11 @@ class PreemptionGuardTest(parameterized.TestCase):
             textwrap.dedent(f"""
                 import time
                 import numpy as np
-                from diffusion_jax import checkpointing
+                from diffusion_jax import checkpointing, preemption
 
                 with checkpointing.Checkpointer({directory!r}, keep=2,
                                                 save_every_steps=1000) as ckpt:
-                    with checkpointing.PreemptionGuard() as guard:
+                    with preemption.PreemptionGuard() as guard:
                         state = {{'w': np.zeros(3, np.float32)}}
                         for step in range(100_000):
                             state = {{'w': state['w'] + 1}}

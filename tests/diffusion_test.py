@@ -1,4 +1,22 @@
-"""The diffusion math against DDPM_SPEC.md.
+"""The diffusion math of Ho et al. 2020, with the learned variances of Nichol & Dhariwal 2021.
+
+What is checked, by the equation it comes from:
+
+- forward process: q(x_t | x_{t-1}) (Ho et al. eq. 2) and its closed form q(x_t | x_0) =
+  N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (eq. 4);
+- posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I) with its coefficients
+  (eqs. 6-7);
+- reverse process: the eps-parameterised mean (eq. 11), the x_0 and x_{t-1} parameterisations
+  and the fixed variances sigma_t^2 = beta_t or beta_tilde_t (section 3.2), the learned
+  log-variance interpolation exp(v log beta_t + (1 - v) log beta_tilde_t) (Nichol & Dhariwal
+  eq. 15), and the sampling step x_{t-1} = mu + sigma_t z with no noise at the last step
+  (Algorithm 2);
+- the bound: Gaussian KLs of L_{t-1} and the prior term L_T (eq. 5), the discretized decoder
+  p(x_0 | x_1) (eq. 13), and bits per dimension as their sum;
+- losses: the unweighted noise MSE L_simple (eq. 14, Algorithm 1) and its x_0 / x_{t-1}
+  analogues, the KL and its T-times rescaling (eq. 5's sum over t), and the hybrid loss
+  L_simple + lambda L_vlb with lambda = 0.001 and no gradient from L_vlb to the mean (Nichol &
+  Dhariwal eq. 16 and section 3.1).
 
 Every check compares with an independent computation: float64 NumPy written from the paper's
 equations in a different form (Bayes' rule in precision form, the paper's eq. 11 for the eps

@@ -119,12 +119,14 @@ def test_bfloat16_attention_agrees_with_float32():
     """The attention block in bf16 (cuDNN's fused kernel where `attention_implementation` picks
     it) stays within bf16 rounding of the float32 XLA computation."""
     x = jax.random.normal(jax.random.key(2), (4, 16, 16, 64), jnp.float32)
+    max_head_dim = layers.cudnn_max_head_dim()  # as `models.get_model` decides it
     f32 = layers.AttnBlock(dtype=jnp.float32)
-    bf16 = layers.AttnBlock(dtype=jnp.bfloat16)
+    bf16 = layers.AttnBlock(dtype=jnp.bfloat16, cudnn_max_head_dim=max_head_dim)
     params = f32.init(jax.random.key(3), x)
     with jax.default_matmul_precision('highest'):
         want = jax.jit(f32.apply)(params, x)
     got = jax.jit(bf16.apply)(params, x)
     error = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
     assert error < 0.1 * float(jnp.max(jnp.abs(want))), error
-    print('attention implementation:', layers.attention_implementation(jnp.bfloat16, 64))
+    implementation = layers.attention_implementation(jnp.bfloat16, 64, max_head_dim)
+    print('attention implementation:', implementation)

@@ -1,4 +1,11 @@
-"""Beta schedules against the formulas of DDPM_SPEC.md, computed independently here."""
+"""Beta schedules against their published formulas, computed independently here.
+
+linear: beta_1 = 1e-4 to beta_T = 0.02, evenly spaced (Ho et al. 2020, section 4). cosine:
+alpha_bar_t = f(t) / f(0) with f(t) = cos^2(((t / T + s) / (1 + s)) pi / 2), s = 0.008, and
+beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped to 0.999 (Nichol & Dhariwal 2021, eq. 17 and
+section 3.2). quad, const and jsd (1 / T, 1 / (T - 1), ..., 1) are the other options of the
+authors' released code (`diffusion_tf`'s `get_beta_schedule`).
+"""
 
 import math
 

@@ -1,4 +1,11 @@
-"""Tests for the DDPM U-Net and its layers against DDPM_SPEC.md ("The DDPM U-Net").
+"""Tests for the DDPM U-Net and its layers (Ho et al. 2020, Appendix B).
+
+Appendix B: a PixelCNN++-style U-Net with two residual blocks per resolution, group
+normalization, self-attention at 16x16, dropout, and the Transformer sinusoidal embedding of t
+(Vaswani et al. 2017, section 3.5) added in every residual block; 35.7M parameters for CIFAR10
+and 114M for the 256x256 models. The details Appendix B leaves open (initializers, GroupNorm
+epsilon, padding, resampling) follow the authors' released TensorFlow code
+(`diffusion_tf/nn.py`, `diffusion_tf/models/unet.py`).
 
 Numerics are checked against independent NumPy float64 references; the architecture against the
 exact parameter counts of the original TensorFlow layout.
@@ -397,7 +404,44 @@ class DtypeTest(parameterized.TestCase):
             mock.patch.object(jax, 'default_backend', return_value=backend),
             mock.patch.object(jax, 'devices', return_value=[FakeDevice()]),
         ):
-            self.assertEqual(layers.attention_implementation(dtype, head_dim), expected)
+            max_head_dim = layers.cudnn_max_head_dim()
+        # The per-call choice is pure: it needs no device once the machine's limit is known.
+        self.assertEqual(layers.attention_implementation(dtype, head_dim, max_head_dim), expected)
+
+    def test_get_model_asks_the_devices_once_and_tracing_never_does(self):
+        config = digits.get_config()
+        config.model.dtype = 'bfloat16'
+        config.model.attn_resolutions = [4]  # 64-channel attention at 4x4, plus the middle one
+        with (
+            mock.patch.object(jax, 'default_backend', return_value='gpu'),
+            mock.patch.object(jax, 'devices', return_value=[mock.Mock(compute_capability='9.0')]),
+        ):
+            model = models.get_model(config)
+        self.assertEqual(model.cudnn_max_head_dim, 256)
+
+        implementations = []
+        real_attention = jax.nn.dot_product_attention
+
+        def recording_attention(*args, implementation=None, **kwargs):
+            implementations.append(implementation)
+            return real_attention(*args, **kwargs)  # XLA's: this machine may have no cuDNN
+
+        def no_device_query(*args, **kwargs):
+            raise AssertionError('the model queried the devices while it was traced')
+
+        with (
+            mock.patch.object(jax, 'default_backend', side_effect=no_device_query),
+            mock.patch.object(jax, 'devices', side_effect=no_device_query),
+            mock.patch.object(jax.nn, 'dot_product_attention', side_effect=recording_attention),
+        ):
+            shapes = _param_shapes(model, 8, 1)
+        # num_res_blocks = 1: one attention block at 4x4 on the down path, two on the up path
+        # (num_res_blocks + 1), one in the middle.
+        self.assertEqual(implementations, ['cudnn'] * 4)
+        # The choice is a plain attribute, not a parameter: checkpoints load either way.
+        chex.assert_trees_all_equal_shapes_and_dtypes(
+            shapes, _param_shapes(model.clone(cudnn_max_head_dim=None), 8, 1)
+        )
 
 
 class GetModelTest(parameterized.TestCase):

@@ -25,10 +25,9 @@ digits_is 1.9, digits_fd 107; 64 copies of one real digit digits_is 1.0.
 Numbers are comparable only under the same `CLASSIFIER_VERSION`.
 """
 
-import contextlib
 import functools
+import io
 import os
-import tempfile
 import zipfile
 
 import flax.linen as nn
@@ -40,6 +39,7 @@ from absl import logging
 from flax import traverse_util
 from sklearn import datasets
 
+from diffusion_jax import image_io
 from diffusion_jax.evaluation import fid
 
 # Part of the cache file name: change it whenever the recipe below changes, so that stale
@@ -199,21 +199,12 @@ def _cache_path(cache_dir: str | None) -> str:
 
 
 def _save_params(path: str, params) -> None:
-    """Writes params to `path` atomically: a temp file in the same folder, then os.replace."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    arrays = traverse_util.flatten_dict(params, sep='/')
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, version=np.array(CLASSIFIER_VERSION), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)
-        raise
+    """Writes params to `path` as an .npz with the recipe's version, atomically."""
+    buf = io.BytesIO()
+    np.savez(
+        buf, version=np.array(CLASSIFIER_VERSION), **traverse_util.flatten_dict(params, sep='/')
+    )
+    image_io.atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_params(path: str):

@@ -347,6 +347,16 @@ def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> di
         file with another checksum, or a parameter is missing, extra or misshapen (the message
         names the first such key).
     """
+    flat, meta = _read_npz(path)
+    _check_provenance(path, flat, meta, source_sha256)
+    _check_shapes(path, flat)
+    return traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep='/'
+    )
+
+
+def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(parameter arrays by flat name, metadata by '_'-prefixed name) of a converted .npz."""
     if not path or not epath.Path(path).is_file():
         raise InceptionWeightsError(f'no Inception weights file at {path!r}: {HOWTO}')
     try:
@@ -355,6 +365,13 @@ def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> di
             meta = {k: f[k].item() for k in f.files if k.startswith('_')}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}; {HOWTO}') from e
+    return flat, meta
+
+
+def _check_provenance(
+    path: str, flat: dict[str, np.ndarray], meta: dict[str, Any], source_sha256: str
+) -> None:
+    """Checks the format version, the arrays' checksum and the source file's SHA-256 prefix."""
     version = meta.get('_format')
     if version != FORMAT_VERSION:
         raise InceptionWeightsError(
@@ -384,6 +401,10 @@ def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> di
             OFFICIAL_SHA256_PREFIX,
             source,
         )
+
+
+def _check_shapes(path: str, flat: dict[str, np.ndarray]) -> None:
+    """Checks that `flat` has exactly the network's parameters, each float and rightly shaped."""
     expected = param_shapes()
     for key in sorted(set(expected) | set(flat)):
         got = flat[key].shape if key in flat else None
@@ -393,9 +414,6 @@ def load_params(path: str, *, source_sha256: str = OFFICIAL_SHA256_PREFIX) -> di
                 f'{path} does not fit the FID Inception network: {key} has {what}, expected '
                 f'float shape {expected.get(key)}; {HOWTO}'
             )
-    return traverse_util.unflatten_dict(
-        {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep='/'
-    )
 
 
 def _features(params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:

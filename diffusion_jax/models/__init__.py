@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import options
-from diffusion_jax.models import unet
+from diffusion_jax.models import layers, unet
 
 _MODELS = {'ddpm_unet': unet.UNet}
 
@@ -29,7 +29,8 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
 
     Returns:
         An unbound UNet whose output has `num_channels` channels, or twice that when the
-        variance is learned.
+        variance is learned. Its attention blocks use cuDNN's fused attention where this
+        machine's first device supports it (`layers.cudnn_max_head_dim`, asked here once).
     """
     m = config.model
     options.check_choice('model', m.name, options.MODELS)
@@ -47,4 +48,5 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         num_groups=m.num_groups,
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
+        cudnn_max_head_dim=layers.cudnn_max_head_dim(),
     )

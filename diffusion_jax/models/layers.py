@@ -131,28 +131,46 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-def attention_implementation(dtype: Any, head_dim: int) -> str | None:
-    """'cudnn' (cuDNN's fused flash attention) where it supports the call, else None (XLA's).
+def cudnn_max_head_dim() -> int | None:
+    """The widest head cuDNN's fused flash attention takes on this machine, or None if it has none.
 
-    `jax.nn.dot_product_attention` uses cuDNN only when asked, and cuDNN needs a CUDA GPU of
-    compute capability 8.0 or later, 16-bit inputs, and a head dim that is a multiple of 8 and
-    at most 256 on Hopper and later (128 before). Elsewhere XLA's implementation is used.
-
-    Args:
-        dtype: the dtype of q, k and v.
-        head_dim: channels per head (all C channels: the block has one head).
+    cuDNN's fused attention needs a CUDA GPU of compute capability 8.0 or later and takes heads
+    of at most 256 channels on Hopper and later (128 before). The model builder (`get_model`)
+    asks once and hands the answer to the attention blocks, which never query the devices.
 
     Returns:
-        The `implementation` argument of `jax.nn.dot_product_attention`.
+        256 or 128 on a CUDA GPU of compute capability >= 9.0 or 8.x (the first device's);
+        None on other backends, older GPUs and GPUs without a CUDA capability (e.g. ROCm).
     """
-    if jax.default_backend() != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    if jax.default_backend() != 'gpu':
         return None
     try:
         major = int(jax.devices()[0].compute_capability.split('.')[0])
     except (AttributeError, ValueError):  # not a CUDA device (e.g. ROCm): no cuDNN
         return None
-    limit = 256 if major >= 9 else 128
-    return 'cudnn' if major >= 8 and head_dim % 8 == 0 and head_dim <= limit else None
+    if major < 8:
+        return None
+    return 256 if major >= 9 else 128
+
+
+def attention_implementation(dtype: Any, head_dim: int, max_head_dim: int | None) -> str | None:
+    """'cudnn' (cuDNN's fused flash attention) where it supports the call, else None (XLA's).
+
+    `jax.nn.dot_product_attention` uses cuDNN only when asked; cuDNN needs 16-bit inputs and a
+    head dim that is a multiple of 8 and at most what the GPU takes. Elsewhere XLA's
+    implementation is used.
+
+    Args:
+        dtype: the dtype of q, k and v.
+        head_dim: channels per head (all C channels: the block has one head).
+        max_head_dim: `cudnn_max_head_dim()` of the machine; None: no cuDNN attention.
+
+    Returns:
+        The `implementation` argument of `jax.nn.dot_product_attention`.
+    """
+    if max_head_dim is None or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return None
+    return 'cudnn' if head_dim % 8 == 0 and head_dim <= max_head_dim else None
 
 
 class AttnBlock(nn.Module):
@@ -162,11 +180,14 @@ class AttnBlock(nn.Module):
         num_groups: GroupNorm groups.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
+        cudnn_max_head_dim: `cudnn_max_head_dim()` of the machine, decided when the model is
+            built; None (the default) always uses XLA's attention.
     """
 
     num_groups: int = 32
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    cudnn_max_head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -188,7 +209,7 @@ class AttnBlock(nn.Module):
         )
         # [B, T, N, C] with one head; the default scale is 1 / sqrt(C), as in the original.
         q, k, v = (a.reshape(b, height * width, 1, c) for a in (q, k, v))
-        implementation = attention_implementation(q.dtype, c)
+        implementation = attention_implementation(q.dtype, c, self.cudnn_max_head_dim)
         h = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         h = h.reshape(b, height, width, c)
         h = nn.Dense(c, kernel_init=default_init(0.0), name='proj_out', **dtypes)(h)

@@ -32,6 +32,8 @@ class UNet(nn.Module):
         num_groups: GroupNorm groups.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
+        cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
+            decides once; None (the default) makes every attention block use XLA's attention.
     """
 
     ch: int
@@ -44,6 +46,7 @@ class UNet(nn.Module):
     num_groups: int = 32
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    cudnn_max_head_dim: int | None = None
 
     def _resnet_block(self, out_ch: int | None, name: str) -> layers.ResnetBlock:
         return layers.ResnetBlock(
@@ -57,7 +60,11 @@ class UNet(nn.Module):
 
     def _attn_block(self, name: str) -> layers.AttnBlock:
         return layers.AttnBlock(
-            num_groups=self.num_groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+            num_groups=self.num_groups,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            cudnn_max_head_dim=self.cudnn_max_head_dim,
+            name=name,
         )
 
     def _conv3x3(self, features: int, init_scale: float, name: str) -> nn.Conv:
