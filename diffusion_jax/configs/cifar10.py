@@ -18,11 +18,9 @@ import ml_collections
 from ml_collections import config_dict
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """Returns the paper's CIFAR10 configuration."""
-    config = ml_collections.ConfigDict()
-
-    config.data = data = ml_collections.ConfigDict()
+def _data() -> ml_collections.ConfigDict:
+    """The data: which images, at what size, and how they are augmented."""
+    data = ml_collections.ConfigDict()
     data.dataset = 'cifar10'  # a tfds name, 'digits', 'folder' or 'npz'
     data.data_dir = config_dict.placeholder(
         str
@@ -33,8 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = True  # random horizontal flips during training
     data.train_split = 'train'
     data.eval_split = 'test'
+    return data
 
-    config.model = model = ml_collections.ConfigDict()
+
+def _model() -> ml_collections.ConfigDict:
+    """The U-Net: `unet2d16b2` of the original code (Appendix B)."""
+    model = ml_collections.ConfigDict()
     model.name = 'ddpm_unet'  # one of options.MODELS
     model.ch = 128  # base channel count
     model.ch_mult = (1, 2, 2, 2)  # channel multiplier per resolution level
@@ -45,8 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_groups = 32  # GroupNorm groups
     model.dtype = 'float32'  # compute dtype, one of options.DTYPES
     model.param_dtype = 'float32'  # storage dtype of the parameters
+    return model
 
-    config.diffusion = diffusion = ml_collections.ConfigDict()
+
+def _diffusion() -> ml_collections.ConfigDict:
+    """The forward process and what the network predicts (section 3, L_simple)."""
+    diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000  # T
     diffusion.beta_schedule = 'linear'  # one of options.BETA_SCHEDULES
     diffusion.beta_start = 1e-4  # first beta of linear / quad
@@ -54,8 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.model_mean_type = 'eps'  # one of options.MODEL_MEAN_TYPES
     diffusion.model_var_type = 'fixedlarge'  # one of options.MODEL_VAR_TYPES
     diffusion.loss_type = 'mse'  # one of options.LOSS_TYPES
+    return diffusion
 
-    config.training = training = ml_collections.ConfigDict()
+
+def _training() -> ml_collections.ConfigDict:
+    """The loop: batch, length, logging, checkpoints and sample grids."""
+    training = ml_collections.ConfigDict()
     training.batch_size = 128  # global batch, split over all devices
     training.num_train_steps = 800_000
     training.log_every_steps = 100
@@ -65,8 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     training.seed = 0
     training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
     training.allow_config_change = False  # resume although model/diffusion/image shape changed
+    return training
 
-    config.optim = optim = ml_collections.ConfigDict()
+
+def _optim() -> ml_collections.ConfigDict:
+    """Adam with warm-up, clipping and the EMA of the parameters (Appendix B)."""
+    optim = ml_collections.ConfigDict()
     optim.optimizer = 'adam'  # one of options.OPTIMIZERS
     optim.learning_rate = 2e-4
     optim.warmup_steps = 5000  # linear warm-up from 0
@@ -76,8 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
     optim.beta2 = 0.999
     optim.eps = 1e-8
     optim.ema_decay = 0.9999  # EMA of the parameters; samples and metrics use the EMA
+    return optim
 
-    config.sampling = sampling = ml_collections.ConfigDict()
+
+def _sampling() -> ml_collections.ConfigDict:
+    """`--mode=sample`: the reverse chain and how many images it draws."""
+    sampling = ml_collections.ConfigDict()
     sampling.sampler = 'ancestral'  # one of options.SAMPLERS
     sampling.num_steps = config_dict.placeholder(int)  # None: all T steps
     sampling.eta = 0.0  # DDIM noise scale (0 = deterministic)
@@ -89,8 +107,12 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.interpolate = ''  # 'I,J': interpolate eval images I and J (paper section 6.3)
     sampling.interpolate_t = config_dict.placeholder(int)  # step to noise them to; None: T // 2
     sampling.interpolate_num = 11  # lambdas evenly spaced in [0, 1], ends included
+    return sampling
 
-    config.eval = eval_config = ml_collections.ConfigDict()
+
+def _eval() -> ml_collections.ConfigDict:
+    """`--mode=eval`: the NLL bound, FID and IS (Table 1)."""
+    eval_config = ml_collections.ConfigDict()
     eval_config.batch_size = 256
     eval_config.bpd = False  # compute the full T-term NLL bound in bits/dim
     eval_config.num_bpd_images = config_dict.placeholder(int)  # None: the whole eval split
@@ -100,5 +122,19 @@ def get_config() -> ml_collections.ConfigDict:
     eval_config.reference_stats = config_dict.placeholder(str)  # FID stats .npz; None: next to data
     eval_config.compute_reference = False  # compute the reference stats if they are missing
     eval_config.reference_split = 'train'  # FID against the train split, as in the paper
+    return eval_config
 
-    return config
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the paper's CIFAR10 configuration, one section per function above."""
+    return ml_collections.ConfigDict(
+        {
+            'data': _data(),
+            'model': _model(),
+            'diffusion': _diffusion(),
+            'training': _training(),
+            'optim': _optim(),
+            'sampling': _sampling(),
+            'eval': _eval(),
+        }
+    )
