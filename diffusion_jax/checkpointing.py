@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import errors
+from diffusion_jax import errors, lead
 
 # Written into the step directory before orbax finalizes it (atomic rename locally, commit file
 # on GCS); its absence marks a step directory that orbax did not finish.
@@ -312,7 +312,7 @@ class Checkpointer:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames the step directories of `steps` to `<name>.corrupt[-k]` (lead process)."""
-        if jax.process_index() == 0:
+        if lead.LeadWriter().is_lead:
             for step in steps:
                 path = self.directory / self._name_format.build_name(step)
                 target, k = path.parent / f'{path.name}.corrupt', 1
