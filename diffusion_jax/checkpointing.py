@@ -85,7 +85,7 @@ def _short(error: Exception, limit: int = 300) -> str:
 
 def _report_interrupted_saves(directory: epath.Path) -> None:
     """Warns about each tmp directory of an unfinished save, which orbax removes on start-up."""
-    if jax.process_index() != 0 or not directory.is_dir():
+    if not lead.LeadWriter().is_lead or not directory.is_dir():
         return
     for path in sorted(directory.iterdir(), key=lambda p: p.name):
         if _is_interrupted_save(path):

@@ -7,20 +7,25 @@ For the checkpoint's EMA parameters:
   (`generate`), then
   - FID against the reference split and Inception Score (10 splits) with the standard Inception
     network when `config.eval.inception_weights` names a converted weights file (checked, with
-    the reference statistics, before sampling starts; features run on every device of every
-    host); without the setting they are reported as skipped, with one line saying how to get
-    the file;
+    the reference statistics, before sampling starts). Each sampled batch goes through the
+    network on the devices as it is drawn, into running statistics (`StreamingFidIs`): no host
+    holds all the samples, and a resumed run feeds the images of its partial run first.
+    Without the setting they are reported as skipped, with one line saying how to get the
+    file;
   - for the digits dataset, the offline digits metrics (`evaluation.digits`), with real held-out
     digits for scale.
 Results go to `WORKDIR/eval/metrics_<step>.json` (atomically) and TensorBoard, and a summary
 table is logged at the end.
 """
 
+import functools
 import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -34,6 +39,7 @@ from diffusion_jax import (
     generate,
     image_io,
     input_pipeline,
+    lead,
     parallel,
     summary,
 )
@@ -65,8 +71,9 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
         batch_size=e.batch_size,
         rng=jax.random.key(config.sampling.seed),
     )
-    if jax.process_index() == 0:
-        image_io.save_json(os.path.join(eval_dir, f'bpd_{step}.json'), result)
+    writer = lead.LeadWriter()
+    writer.json(os.path.join(eval_dir, f'bpd_{step}.json'), result)
+    if writer.is_lead:
         bpd.save_plots(
             result,
             os.path.join(eval_dir, f'bpd_per_t_{step}.png'),
@@ -94,10 +101,8 @@ def _digits(samples: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _features(
-    feature_fn, mesh, chunks, image_shape: tuple[int, ...], batch_size: int, stats
-) -> np.ndarray:
-    """Inception pool features of every process's uint8 chunks, added to `stats` everywhere.
+def _features(feature_fn, mesh, chunks, image_shape: tuple[int, ...], batch_size: int, stats):
+    """Adds the Inception pool features of every process's uint8 chunks to `stats` everywhere.
 
     Args:
       feature_fn: `inception.make_feature_fn(params, mesh=mesh)`.
@@ -107,12 +112,8 @@ def _features(
       image_shape: (H, W, C) of the images.
       batch_size: the global batch (a multiple of the device count); one compiled shape.
       stats: a `fid.RunningStats`; every process adds the same rows in the same order.
-
-    Returns:
-      The logits of all the images of all processes, [N, 1008] float64, on every process.
     """
     local = batch_size // jax.process_count()
-    logits = []
     chunks = iter(chunks)
     while True:
         chunk = next(chunks, None)
@@ -125,43 +126,83 @@ def _features(
             padded[:n] = chunk
         if image_shape[-1] == 1:  # grayscale: the network wants RGB
             padded = np.repeat(padded, 3, axis=-1)
-        pool, logit = feature_fn(parallel.global_batch({'image': padded}, mesh)['image'])
-        pool, logit = parallel.to_host(pool), parallel.to_host(logit)
+        pool, _ = feature_fn(parallel.global_batch({'image': padded}, mesh)['image'])
         # Process p supplied rows [p * local, p * local + counts[p]); the rest is padding.
         rows = np.concatenate([np.arange(p * local, p * local + c) for p, c in enumerate(counts)])
-        stats.update(np.asarray(pool, np.float64)[rows])
-        logits.append(np.asarray(logit, np.float64)[rows])
+        stats.update(np.asarray(parallel.to_host(pool), np.float64)[rows])
         logging.info('Inception features of %d images', stats.count)
-    return np.concatenate(logits)
 
 
-def _sample_chunks(samples: np.ndarray, batch_size: int):
-    """This process's share of each global chunk of `samples` (the same array on every process)."""
-    local = batch_size // jax.process_count()
-    for i in range(0, len(samples), batch_size):
-        start = i + jax.process_index() * local
-        yield samples[start : min(start + local, i + batch_size, len(samples))]
+def _rgb_padded(images: jax.Array, multiple: int) -> jax.Array:
+    """uint8 [B, H, W, C] -> [B rounded up to `multiple`, H, W, 3]: grey tiled, zero rows added."""
+    if images.shape[-1] == 1:
+        images = jnp.repeat(images, 3, axis=-1)
+    extra = -images.shape[0] % multiple
+    return jnp.pad(images, ((0, extra), (0, 0), (0, 0), (0, 0)))
+
+
+@functools.cache
+def _inception_input(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
+    """`_rgb_padded` to the device count, sharded along the batch: one jitted function a mesh."""
+    return jax.jit(
+        functools.partial(_rgb_padded, multiple=mesh.size),
+        out_shardings=parallel.batch_sharding(mesh),
+    )
+
+
+class StreamingFidIs:
+    """Inception features of each sampled batch, on the devices, into running FID/IS statistics.
+
+    A `generate.OnBatch` consumer: call it with every batch of the N images in index order. It
+    holds one batch of features and the [2048, 2048] moments, whatever N; every process ends
+    with the same statistics.
+
+    Args:
+      feature_fn: `fn(uint8 [B, H, W, 3] sharded over mesh) -> (pool [B, D], logits [B, K])`.
+      mesh: the mesh over every device of every process.
+      num_samples: N; IS uses 10 splits (Ho et al. 2020, table 1), never of fewer than 100.
+    """
+
+    def __init__(self, feature_fn, mesh: Mesh, num_samples: int):
+        self.stats = fid.RunningStats()
+        splits = min(IS_SPLITS, max(1, num_samples // 100))
+        self.scores = fid.RunningInceptionScore(num_samples, splits)
+        self.feature_fn, self._mesh = feature_fn, mesh
+
+    def __call__(self, images: jax.Array | np.ndarray, n: int, start: int) -> None:
+        """Adds images start, ..., start + n - 1: the first n rows of uint8 [R, H, W, C]."""
+        if isinstance(images, np.ndarray):  # the same on every process: placed like a sample
+            rows, mesh = images.shape[0], self._mesh
+            where = parallel.batch_sharding(mesh) if rows % mesh.size == 0 else None
+            images = jax.make_array_from_callback(
+                images.shape, where or parallel.replicated(mesh), lambda index: images[index]
+            )
+        pool, logits = self.feature_fn(_inception_input(self._mesh)(images))
+        self.stats.update(np.asarray(parallel.to_host(pool)[:n], np.float64))
+        self.scores.update(parallel.to_host(logits)[:n], start)
+        logging.info('Inception features of %d images', self.stats.count)
 
 
 def reference_stats_path(config: ml_collections.ConfigDict) -> str:
     """Where the FID reference statistics of the data live: next to the data by default."""
-    e, d = config.eval, config.data
+    e, data = config.eval, config.data
     if e.reference_stats:
         return e.reference_stats
-    name = f'fid_stats_{d.dataset.replace("/", "_")}_{e.reference_split}_{d.image_size}px.npz'
-    if d.dataset in ('npz', 'folder') and d.path:
-        path = d.path.rstrip('/')
+    dataset = data.dataset.replace('/', '_')
+    name = f'fid_stats_{dataset}_{e.reference_split}_{data.image_size}px.npz'
+    if data.dataset in ('npz', 'folder') and data.path:
+        path = data.path.rstrip('/')
         folder = os.path.dirname(path if image_io.is_url(path) else os.path.abspath(path))
-    elif d.dataset == 'digits':
+    elif data.dataset == 'digits':
         folder = '~/.cache/diffusion_jax'
     else:
-        folder = d.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+        folder = data.data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
     return os.path.join(os.path.expanduser(folder), name)
 
 
 def _reference_exists(config) -> bool:
     """Whether process 0 sees the reference statistics file (every process gets its answer)."""
-    exists = jax.process_index() == 0 and epath.Path(reference_stats_path(config)).exists()
+    exists = lead.LeadWriter().is_lead and epath.Path(reference_stats_path(config)).exists()
     return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
 
@@ -183,7 +224,7 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
     """
     path = reference_stats_path(config)
     if _reference_exists(config):
-        if jax.process_index() != 0:
+        if not lead.LeadWriter().is_lead:
             return np.zeros(()), np.zeros(())  # unused: only process 0 computes the FID
         with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
             return f['mu'], f['sigma']
@@ -199,9 +240,8 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
     stats = fid.RunningStats()
     chunks = (image_io.to_uint8(b['image']) for b in batches)
     _features(feature_fn, mesh, chunks, experiment.image_shape(config), batch_size, stats)
-    if jax.process_index() == 0:
-        image_io.save_npz(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
-        logging.info('wrote FID reference statistics of %d images to %s', stats.count, path)
+    lead.LeadWriter().npz(path, mu=stats.mean, sigma=stats.covariance, count=stats.count)
+    logging.info('wrote FID reference statistics of %d images to %s', stats.count, path)
     return stats.mean, stats.covariance
 
 
@@ -217,33 +257,29 @@ def _load_inception(config) -> dict[str, Any] | None:
         raise EvalError(str(e)) from e
 
 
-def _fid_is(config, samples: np.ndarray, params: dict[str, Any] | None) -> dict[str, Any]:
-    """FID and IS of uint8 samples [N, H, W, C] (the same on every process), or 'skipped'.
+def _fid_is(config, mesh: Mesh, streamed: StreamingFidIs | None) -> dict[str, Any]:
+    """FID against the reference split and IS of the streamed samples, or 'skipped'.
 
-    Every process takes part (features are computed on every device of every host); the
-    returned numbers are meaningful on process 0.
+    Every process takes part (the reference statistics may need computing); the returned
+    numbers are meaningful on process 0.
     """
-    if params is None:
+    if streamed is None:
         logging.warning('FID/IS skipped: no Inception weights; to get them, %s', inception.HOWTO)
         return {'fid': 'skipped', 'inception_score': 'skipped'}
-    mesh = parallel.create_mesh()
-    devices = jax.device_count()
-    batch_size = max(devices, config.eval.batch_size // devices * devices)
-    feature_fn = inception.make_feature_fn(params, mesh=mesh)
-    stats = fid.RunningStats()
-    chunks = _sample_chunks(samples, batch_size)
-    logits = _features(feature_fn, mesh, chunks, samples.shape[1:], batch_size, stats)
-    mu, sigma = _reference(config, feature_fn, mesh, batch_size)
-    if jax.process_index() != 0:
+    mu, sigma = _reference(config, streamed.feature_fn, mesh, _inception_batch(config, mesh))
+    if not lead.LeadWriter().is_lead:
         return {}
-    # 10 splits as in the paper, but never splits of fewer than 100 images.
-    splits = min(IS_SPLITS, max(1, len(samples) // 100))
-    is_mean, is_std = fid.inception_score(logits, splits=splits)
+    is_mean, is_std = streamed.scores.result()
     return {
-        'fid': fid.frechet_distance(stats.mean, stats.covariance, mu, sigma),
+        'fid': fid.frechet_distance(streamed.stats.mean, streamed.stats.covariance, mu, sigma),
         'inception_score': is_mean,
         'inception_score_std': is_std,
     }
+
+
+def _inception_batch(config, mesh: Mesh) -> int:
+    """`config.eval.batch_size` rounded down to a multiple of the devices (at least one each)."""
+    return max(mesh.size, config.eval.batch_size // mesh.size * mesh.size)
 
 
 def _table(metrics: dict[str, Any]) -> str:
@@ -255,6 +291,33 @@ def _table(metrics: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+def _samples(config, workdir, mesh, sampler, step, inception_params) -> dict[str, Any]:
+    """Draws `config.eval.num_samples` images and scores them as they come (FID/IS, digits)."""
+    s, num_samples = config.sampling, config.eval.num_samples
+    streamed = None
+    if inception_params is not None:
+        feature_fn = inception.make_feature_fn(inception_params, mesh=mesh)
+        streamed = StreamingFidIs(feature_fn, mesh, num_samples)
+    path = os.path.join(workdir, 'eval', f'samples_{step}.npz')
+    sample_fn, params = sampler
+    generate.generate_to_npz(
+        sample_fn,
+        params,
+        path=path,
+        num_samples=num_samples,
+        batch_size=s.batch_size,
+        seed=s.seed,
+        spec=generate.sample_spec(config, step),
+        on_batch=streamed,
+    )
+    metrics: dict[str, Any] = {'num_samples': num_samples}
+    if config.data.dataset == 'digits' and lead.LeadWriter().is_lead:
+        # 64 bytes an image: the digits classifier reads the whole file on process 0.
+        metrics.update(_digits(image_io.load_npz_rows(path, 'images')))
+    metrics.update(_fid_is(config, mesh, streamed))
+    return metrics
+
+
 def run_eval_mode(
     config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
 ) -> dict[str, Any]:
@@ -262,10 +325,9 @@ def run_eval_mode(
 
     `mesh`: the devices to evaluate on; None: every device of every process.
     """
-    s = config.sampling
     mesh = parallel.create_mesh() if mesh is None else mesh
     sample_fn, params, config, step = generate.load_sampler(
-        workdir, config, mesh=mesh, step=s.checkpoint_step
+        workdir, config, mesh=mesh, step=config.sampling.checkpoint_step
     )
     # Refuse bad Inception weights or missing reference statistics before hours of sampling.
     inception_params = _load_inception(config) if config.eval.num_samples else None
@@ -276,28 +338,14 @@ def run_eval_mode(
     if config.eval.bpd:
         metrics.update(_nll(config, params, mesh, eval_dir, step))
     if config.eval.num_samples:
-        samples = generate.generate_to_npz(
-            sample_fn,
-            params,
-            path=os.path.join(eval_dir, f'samples_{step}.npz'),
-            num_samples=config.eval.num_samples,
-            batch_size=s.batch_size,
-            seed=s.seed,
-            spec={'checkpoint_step': step, 'sampler': s.sampler, 'num_steps': s.num_steps},
-        )
-        if jax.process_index() == 0:
-            metrics['num_samples'] = len(samples)
-            if config.data.dataset == 'digits':
-                metrics.update(_digits(samples))
-        if inception_params is not None and jax.process_count() > 1:
-            shape = (config.eval.num_samples, *experiment.image_shape(config))
-            mine = samples if jax.process_index() == 0 else np.zeros(shape, np.uint8)
-            samples = np.asarray(multihost_utils.broadcast_one_to_all(mine))
-        metrics.update(_fid_is(config, samples, inception_params))
-    if jax.process_index() == 0:
-        path = os.path.join(eval_dir, f'metrics_{step}.json')
-        image_io.save_json(path, metrics)
-        with summary.SummaryWriter(os.path.join(workdir, 'eval')) as writer:
-            writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)})
+        sampler = (sample_fn, params)
+        metrics.update(_samples(config, workdir, mesh, sampler, step, inception_params))
+    writer = lead.LeadWriter()
+    path = os.path.join(eval_dir, f'metrics_{step}.json')
+    writer.json(path, metrics)
+    if writer.is_lead:
+        with summary.SummaryWriter(eval_dir) as tensorboard:
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            tensorboard.write_scalars(step, scalars)
         logging.info('wrote %s\n%s', path, _table(metrics))
     return metrics

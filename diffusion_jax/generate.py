@@ -5,7 +5,9 @@
 * `generate_to_npz` draws N images in batches and writes each batch as a shard file as soon as
   it is done, so a killed run of 50k images resumes where it stopped. Image i depends only on
   (seed, i) (see `sampling`), so the result does not depend on the batch size, the number of
-  devices or where the run was interrupted. The final `.npz` is written atomically.
+  devices or where the run was interrupted. The final `.npz` is assembled from the shards a
+  batch at a time and written atomically; an `on_batch` consumer (FID statistics) sees every
+  batch as it is drawn, so no process ever holds all N images.
 * `run_sample_mode` is `--mode=sample`: the npz, a PNG grid and, when asked, the interpolation
   strip of Ho et al. 2020, section 6.3.
 """
@@ -15,9 +17,11 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -123,19 +127,57 @@ def load_sampler(
     return sample_fn, params, exp.config, restored_step
 
 
-def _done_prefix(shard_dir: str) -> int:
-    """How many images, counting from 0, the shard files in `shard_dir` cover without a gap."""
-    ranges = sorted(
-        (int(m[1]), int(m[2]))
+def sample_spec(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+    """Everything besides the seed and the count that changes a sampled image.
+
+    A partial run resumes only under the same spec (`generate_to_npz`), so images of two
+    samplers are never mixed in one file.
+    """
+    s = config.sampling
+    return {
+        'checkpoint_step': step,
+        'sampler': s.sampler,
+        'num_steps': s.num_steps,
+        'eta': s.eta,
+        'clip_denoised': s.clip_denoised,
+    }
+
+
+def _shard_index(shard_dir: str) -> list[tuple[int, int, epath.Path]]:
+    """The shard files that cover images 0, 1, ... without a gap, as (start, end, path).
+
+    Shards of an earlier run with another batch size may overlap; of those starting inside the
+    covered prefix, the one reaching furthest is kept.
+    """
+    shards = sorted(
+        (int(m[1]), int(m[2]), path)
         for path in epath.Path(shard_dir).glob('images_*.npz')
         if (m := _SHARD_RE.fullmatch(path.name))
     )
-    done = 0
-    for start, end in ranges:
-        if start > done:
+    index, covered = [], 0
+    for start, end, path in shards:
+        if start > covered:
             break
-        done = max(done, end)
-    return done
+        if end > covered:
+            index.append((start, end, path))
+            covered = end
+    return index
+
+
+def _read_rows(
+    shard_dir: str, index: list[tuple[int, int, epath.Path]], start: int, stop: int
+) -> np.ndarray:
+    """Images [start, stop) from the shards of `index` (`_shard_index`), reading only those."""
+    parts, at = [], start
+    for first, end, path in index:
+        if end <= at or first >= stop:
+            continue
+        with np.load(io.BytesIO(path.read_bytes())) as f:
+            parts.append(f['images'][at - first : stop - first])
+        at = min(end, stop)
+    if at != stop:
+        raise SampleError(f'the shards in {shard_dir} miss images {at} to {stop}; delete it')
+    return np.concatenate(parts)
 
 
 def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
@@ -149,9 +191,56 @@ def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
                 f'{shard_dir} holds a partial sampling run with other settings ({", ".join(diff)} '
                 'differ): rerun with the same settings to resume it, or delete the folder'
             )
-        return _done_prefix(shard_dir)
+        index = _shard_index(shard_dir)
+        return index[-1][1] if index else 0
     image_io.save_json(str(spec_path), spec)
     return 0
+
+
+def _agree_on_start(shard_dir: str, spec: dict[str, Any], writer: lead.LeadWriter) -> int:
+    """How many images a partial run already holds: process 0 looks, every process learns."""
+    done, refusal = 0, None
+    if writer.is_lead:
+        try:
+            done = _open_shard_dir(shard_dir, spec)
+        except SampleError as e:
+            done, refusal = -1, e
+    done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
+    if done < 0:
+        raise refusal or SampleError(f'process 0 refused {shard_dir}; see its log')
+    return done
+
+
+# on_batch(images, n, start): uint8 images [R >= n, H, W, C] whose first n rows are images
+# start, ..., start + n - 1, the same global array on every process (a jax.Array from the
+# sampler, or a NumPy array read back from a partial run's shards).
+OnBatch = Callable[[jax.Array | np.ndarray, int, int], None]
+
+
+@jax.jit
+def _to_uint8(images: jax.Array) -> jax.Array:
+    """`image_io.to_uint8` on the devices, keeping the sharding: [B, H, W, C] -> uint8."""
+    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def _replay(shard_dir: str, done: int, batch_size: int, on_batch: OnBatch, writer) -> None:
+    """Hands a partial run's images [0, done) to `on_batch`, a batch at a time.
+
+    Process 0 reads each batch from the shards and broadcasts it, so no process holds more than
+    one batch. Each batch is padded to `batch_size` rows: the consumer compiles one shape.
+    """
+    index = _shard_index(shard_dir) if writer.is_lead else []
+    shape = np.zeros(4, np.int32)
+    for start in range(0, done, batch_size):
+        n = min(batch_size, done - start)
+        rows = _read_rows(shard_dir, index, start, start + n) if writer.is_lead else None
+        if start == 0:
+            shape[:] = (batch_size, *rows.shape[1:]) if writer.is_lead else 0
+            shape = np.asarray(multihost_utils.broadcast_one_to_all(shape))
+        padded = np.zeros(tuple(shape), np.uint8)
+        if writer.is_lead:
+            padded[:n] = rows
+        on_batch(np.asarray(multihost_utils.broadcast_one_to_all(padded)), n, start)
 
 
 def generate_to_npz(
@@ -163,12 +252,14 @@ def generate_to_npz(
     batch_size: int,
     seed: int,
     spec: dict[str, Any],
-) -> np.ndarray | None:
+    on_batch: OnBatch | None = None,
+) -> None:
     """Draws `num_samples` images into `path` (array `images`, uint8 [N, H, W, C]), resumably.
 
     Each batch is written to `<path>.partial/images_<start>_<end>.npz` as soon as it is done; a
-    rerun with the same `spec` skips the images already there. The final file is written
-    atomically and the shard folder removed. Only process 0 writes.
+    rerun with the same `spec` skips the images already there. The final file is assembled from
+    the shards a batch at a time and written atomically, and the shard folder removed. Only
+    process 0 writes; no process ever holds more than a batch of images.
 
     Args:
       sample_fn: `sample_fn(params, rng, first_index)` -> [batch_size, H, W, C] in [-1, 1].
@@ -179,67 +270,48 @@ def generate_to_npz(
       seed: image i uses `fold_in(key(seed), i)`.
       spec: JSON-able description of the run (checkpoint step, sampler, ...); a partial run
         with another spec is refused, not mixed in.
-
-    Returns:
-      The images, uint8 [N, H, W, C], on process 0; None on the other processes.
+      on_batch: called with every image in index order (`OnBatch`), those of a partial run
+        first, on every process: streaming consumers such as FID statistics.
     """
     if num_samples < 1:
         raise SampleError(f'num_samples must be >= 1, got {num_samples}')
-    shard_dir = path + '.partial'
+    shard_dir, writer = path + '.partial', lead.LeadWriter()
     spec = {**spec, 'seed': seed, 'num_samples': num_samples}
-    lead = jax.process_index() == 0
-    # Process 0 alone reads and writes files; the others learn from it where to start.
-    done, refusal = 0, None
-    if lead:
-        try:
-            done = _open_shard_dir(shard_dir, spec)
-        except SampleError as e:
-            done, refusal = -1, e
-    done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
-    if done < 0:
-        raise refusal or SampleError(f'process 0 refused {shard_dir}; see its log')
+    done = _agree_on_start(shard_dir, spec, writer)
     if done:
         logging.info('resuming: %d of %d images already in %s', done, num_samples, shard_dir)
-    rng = jax.random.key(seed)
-    interactive = lead and sys.stderr.isatty()
+        if on_batch is not None:
+            _replay(shard_dir, done, batch_size, on_batch, writer)
+    rng, interactive = jax.random.key(seed), writer.is_lead and sys.stderr.isatty()
     with tqdm.tqdm(
         initial=done, total=num_samples, unit='img', disable=not interactive, dynamic_ncols=True
     ) as bar:
         for start in range(done, num_samples, batch_size):
             end = min(start + batch_size, num_samples)
-            images = parallel.to_host(sample_fn(params, rng, start))[: end - start]
-            if lead:
-                image_io.save_npz(
-                    os.path.join(shard_dir, f'images_{start:08d}_{end:08d}.npz'),
-                    images=image_io.to_uint8(images),
-                )
+            images = _to_uint8(sample_fn(params, rng, start))
+            shard = os.path.join(shard_dir, f'images_{start:08d}_{end:08d}.npz')
+            writer.npz(shard, images=parallel.to_host(images)[: end - start])
+            if on_batch is not None:
+                on_batch(images, end - start, start)
             bar.update(end - start)
             if not interactive:
                 logging.info('sampled %d of %d images', end, num_samples)
-    images = _join_shards(shard_dir, num_samples) if lead else None
-    if lead:
-        image_io.save_npz(path, images=images)
-        epath.Path(shard_dir).rmtree()
+    if writer.is_lead:
+        _write_final(shard_dir, path, num_samples, batch_size)
     multihost_utils.sync_global_devices('generate_to_npz: written')
-    return images
 
 
-def _join_shards(shard_dir: str, num_samples: int) -> np.ndarray:
-    """The first `num_samples` images of the shards in `shard_dir`, in order."""
-    parts, covered = [], 0
-    for shard in sorted(epath.Path(shard_dir).glob('images_*.npz'), key=lambda p: p.name):
-        # Shards of an earlier run with another batch size may overlap.
-        start, end = (int(g) for g in _SHARD_RE.fullmatch(shard.name).groups())
-        if start > covered:
-            raise SampleError(f'{shard_dir} misses images {covered} to {start}; delete it')
-        if end > covered:
-            with np.load(io.BytesIO(shard.read_bytes())) as f:
-                parts.append(f['images'][covered - start :])
-            covered = end
-    images = np.concatenate(parts)[:num_samples] if parts else np.zeros((0,), np.uint8)
-    if images.shape[0] != num_samples:
-        raise SampleError(f'{shard_dir} covers {images.shape[0]} of {num_samples} images')
-    return images
+def _write_final(shard_dir: str, path: str, num_samples: int, batch_size: int) -> None:
+    """Joins the shards' first `num_samples` images into `path`, a batch at a time."""
+    index = _shard_index(shard_dir)
+    first = _read_rows(shard_dir, index, 0, 1)
+    chunks = (
+        _read_rows(shard_dir, index, start, min(start + batch_size, num_samples))
+        for start in range(0, num_samples, batch_size)
+    )
+    shape = (num_samples, *first.shape[1:])
+    image_io.save_npz_rows(path, 'images', shape, np.uint8, chunks)
+    epath.Path(shard_dir).rmtree()
 
 
 def _source_images(config: ml_collections.ConfigDict, indices: list[int]) -> np.ndarray:
@@ -291,25 +363,19 @@ def run_sample_mode(
         workdir, config, mesh=mesh, step=s.checkpoint_step
     )
     path = os.path.join(workdir, 'samples', f'samples_{step}.npz')
-    spec = {
-        'checkpoint_step': step,
-        'sampler': s.sampler,
-        'num_steps': s.num_steps,
-        'eta': s.eta,
-        'clip_denoised': s.clip_denoised,
-    }
     logging.info('sampling %d images from checkpoint step %d into %s', s.num_samples, step, path)
-    images = generate_to_npz(
+    generate_to_npz(
         sample_fn,
         params,
         path=path,
         num_samples=s.num_samples,
         batch_size=s.batch_size,
         seed=s.seed,
-        spec=spec,
+        spec=sample_spec(config, step),
     )
     grid_path = os.path.join(workdir, 'samples', f'samples_{step}.png')
-    lead.LeadWriter().grid(grid_path, None if images is None else images[:100])
+    writer = lead.LeadWriter()
+    writer.grid(grid_path, image_io.load_npz_rows(path, 'images', 100) if writer.is_lead else None)
     logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
     if s.interpolate:
         logging.info('wrote %s', _write_interpolation(config, workdir, params, step))

@@ -5,12 +5,16 @@ killed mid-write leaves either the old file or the new one, never half of one. g
 paths go through `etils.epath` as one object upload, which is atomic on cloud object stores.
 """
 
+import contextlib
 import io
 import json
 import math
 import os
+import shutil
 import tempfile
-from typing import Any
+import zipfile
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 from etils import epath
@@ -50,30 +54,42 @@ def is_url(path: str) -> bool:
     return '://' in str(path)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+@contextlib.contextmanager
+def atomic_open(path: str) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: it appears, whole, only when the block ends.
 
-    A URL (gs://...) is written in one object upload through `etils.epath`: cloud object stores
-    publish an object only once its upload is complete, so readers see the old or the new one.
+    Locally the data goes to a temporary file in the same folder, fsynced, then `os.replace`d
+    over `path`. A URL (gs://...) is written to a local temporary file first and then uploaded
+    as one object through `etils.epath`: cloud object stores publish an object only once its
+    upload is complete, so readers see the old or the new one. An exception in the block leaves
+    `path` as it was.
     """
-    if is_url(path):
-        target = epath.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
+    remote = is_url(path)
+    folder = tempfile.gettempdir() if remote else os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
+        with os.fdopen(fd, 'w+b') as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+            if remote:
+                f.seek(0)
+                target = epath.Path(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with target.open('wb') as out:
+                    shutil.copyfileobj(f, out)
+        if not remote:
+            os.replace(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically (`atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def save_png(path: str, image: np.ndarray, *, scale: int = 1) -> None:
@@ -109,3 +125,55 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
 def save_json(path: str, obj: Any) -> None:
     """Saves a JSON-able object atomically, indented for people."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+
+
+def save_npz_rows(
+    path: str, name: str, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]
+) -> None:
+    """Writes an .npz holding one array `name` [shape] from its row chunks, atomically.
+
+    The chunks (arrays [n_i, *shape[1:]] whose n_i add up to shape[0]) are written one after
+    the other into the archive's .npy member (ZIP64, uncompressed, as `np.savez` writes it), so
+    the whole array is never in memory. `np.load(path)[name]` reads it back.
+
+    Raises:
+      ValueError: when a chunk has another row shape, or the rows do not add up to shape[0].
+    """
+    dtype = np.dtype(dtype)
+    header = {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False}
+    rows = 0
+    with (
+        atomic_open(path) as f,
+        zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as archive,
+        archive.open(name + '.npy', 'w', force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, {**header, 'shape': tuple(shape)})
+        for chunk in chunks:
+            if chunk.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f'chunk of shape {chunk.shape} for rows of {shape[1:]}')
+            rows += chunk.shape[0]
+            member.write(np.ascontiguousarray(chunk, dtype).tobytes())
+        if rows != shape[0]:
+            raise ValueError(f'the chunks hold {rows} rows, not {shape[0]}')
+
+
+def load_npz_rows(path: str, name: str, stop: int | None = None) -> np.ndarray:
+    """Rows [0, stop) of array `name` of an .npz (all rows for None), reading no more of it."""
+    with (
+        epath.Path(path).open('rb') as f,
+        zipfile.ZipFile(f) as archive,
+        archive.open(name + '.npy') as member,
+    ):
+        version = np.lib.format.read_magic(member)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f'{path}: {name} has .npy format {version}; expected 1.0 or 2.0')
+        shape, fortran, dtype = read_header(member)
+        if fortran:
+            raise ValueError(f'{path}: {name} is Fortran-ordered')
+        rows = shape[0] if stop is None else min(stop, shape[0])
+        data = member.read(rows * math.prod(shape[1:]) * dtype.itemsize)
+    return np.frombuffer(data, dtype).reshape(rows, *shape[1:]).copy()

@@ -6,6 +6,8 @@ import tempfile
 
 import jax
 import numpy as np
+import scipy.special
+import scipy.stats
 from absl.testing import absltest, parameterized
 from generate_test import tiny_config
 
@@ -90,9 +92,24 @@ class EvaluateBpdTest(parameterized.TestCase):
         self.assertNotEqual(run(1), run(2))
 
 
+def _eigh_fd(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FD of two feature sets from np.mean/np.cov, with Tr sqrtm(S1 S2) from eigenvalues."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+class _KilledError(Exception):
+    pass
+
+
 class FidTest(parameterized.TestCase):
-    def test_fid_and_is_with_random_inception_weights_against_numpy(self):
-        from diffusion_jax.evaluation import fid, inception
+    def test_streamed_fid_and_is_of_a_resumed_run_equal_whole_set_moments_of_the_network(self):
+        from diffusion_jax import generate
+        from diffusion_jax.evaluation import inception
 
         with tempfile.TemporaryDirectory() as tmp:
             weights = os.path.join(tmp, 'inception.npz')
@@ -112,20 +129,45 @@ class FidTest(parameterized.TestCase):
             with self.assertLogs(level='WARNING') as logs:
                 loaded = evaluate._load_inception(config)
             self.assertIn('will not be comparable', logs.output[0])
+            mesh = parallel.create_mesh()
+            feature_fn = inception.make_feature_fn(loaded, mesh=mesh)
+
+            calls = []
+
+            def sampler(params, rng, first_index):
+                del params, rng
+                calls.append(first_index)
+                if len(calls) == 2:  # the first run dies while drawing its second batch
+                    raise _KilledError
+                rows = np.zeros((4, 8, 8, 1), np.float32)
+                chunk = samples[first_index : first_index + 4]
+                rows[: len(chunk)] = chunk / np.float32(127.5) - 1
+                return rows
+
+            def streamed_run():
+                streamed = evaluate.StreamingFidIs(feature_fn, mesh, len(samples))
+                generate.generate_to_npz(
+                    sampler, None, path=os.path.join(tmp, 'samples.npz'), num_samples=5,
+                    batch_size=4, seed=0, spec={}, on_batch=streamed,
+                )  # fmt: skip
+                return streamed
+
+            with self.assertRaises(_KilledError):
+                streamed_run()
+            streamed = streamed_run()  # images 0-3 replayed from the shard, image 4 drawn
             with self.assertRaisesRegex(evaluate.EvalError, 'compute_reference=True'):
-                evaluate._fid_is(config, samples, loaded)
+                evaluate._fid_is(config, mesh, streamed)
             config.eval.compute_reference = True
-            got = evaluate._fid_is(config, samples, loaded)
+            got = evaluate._fid_is(config, mesh, streamed)
             cached = evaluate.reference_stats_path(config)
             self.assertEqual(os.path.dirname(cached), tmp)  # next to the data
             mtime = os.path.getmtime(cached)
-            self.assertEqual(evaluate._fid_is(config, samples, loaded), got)  # reads the cache
+            self.assertEqual(evaluate._fid_is(config, mesh, streamed), got)  # reads the cache
             self.assertEqual(os.path.getmtime(cached), mtime)
 
-            # Independently: the network on each set (chunks of 4, the shape already compiled:
-            # compiling Inception on CPU takes a minute), moments in NumPy.
-            feature_fn = inception.make_feature_fn(params, mesh=parallel.create_mesh())
-
+            # The whole sets at once: the same network (it defines the metric; chunks of 4 are
+            # the shape already compiled, compiling Inception on CPU takes a minute), then the
+            # moments, the distance and the score in NumPy / SciPy, not `fid`.
             def network(images):
                 rgb = np.repeat(images, 3, axis=-1)
                 pools, logits = [], []
@@ -139,17 +181,11 @@ class FidTest(parameterized.TestCase):
 
             f_real, _ = network(real)
             f_fake, logits = network(samples)
-            expected = fid.frechet_distance(
-                f_fake.mean(0),
-                np.cov(f_fake, rowvar=False),
-                f_real.mean(0),
-                np.cov(f_real, rowvar=False),
-            )
-            np.testing.assert_allclose(got['fid'], expected, rtol=1e-3)
-            p = jax.nn.softmax(np.asarray(logits, np.float64), axis=-1)
-            kl = np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)
+            np.testing.assert_allclose(got['fid'], _eigh_fd(f_fake, f_real), rtol=1e-3)
+            p = scipy.special.softmax(logits, axis=-1)
+            kl = [scipy.stats.entropy(row, p.mean(0)) for row in p]
             # 5 samples make one split (splits never hold fewer than 100 images).
-            np.testing.assert_allclose(got['inception_score'], np.exp(kl.mean()), rtol=1e-4)
+            np.testing.assert_allclose(got['inception_score'], np.exp(np.mean(kl)), rtol=1e-4)
 
     def test_a_missing_weights_file_is_refused_with_the_way_to_get_it(self):
         config = tiny_config()
@@ -161,7 +197,7 @@ class FidTest(parameterized.TestCase):
         config = tiny_config()
         self.assertIsNone(evaluate._load_inception(config))
         with self.assertLogs(level='WARNING') as logs:
-            got = evaluate._fid_is(config, np.zeros((4, 8, 8, 1), np.uint8), None)
+            got = evaluate._fid_is(config, parallel.create_mesh(), None)
         self.assertEqual(got, {'fid': 'skipped', 'inception_score': 'skipped'})
         self.assertIn('convert_inception', logs.output[0])
 

@@ -177,6 +177,47 @@ class InceptionScoreTest(parameterized.TestCase):
             fid.inception_score(logits, splits=splits)
 
 
+class RunningInceptionScoreTest(parameterized.TestCase):
+    @parameterized.parameters(([37],), ([5, 12, 20],), ([1] * 37,), ([30, 7],))
+    def test_chunks_in_order_match_scipy_kl_per_split(self, sizes):
+        rng = np.random.default_rng(3)
+        n, k, splits = 37, 7, 4
+        logits = 3.0 * rng.standard_normal((n, k))
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        scores = []
+        for i in range(splits):  # split i holds rows [i N / splits, (i + 1) N / splits)
+            part = probs[i * n // splits : (i + 1) * n // splits]
+            scores.append(np.exp(np.mean([scipy.stats.entropy(p, part.mean(0)) for p in part])))
+        running = fid.RunningInceptionScore(n, splits)
+        start = 0
+        for size in sizes:
+            running.update(logits[start : start + size], start)
+            start += size
+        mean, std = running.result()
+        np.testing.assert_allclose(mean, np.mean(scores), rtol=1e-12)
+        np.testing.assert_allclose(std, np.std(scores), rtol=1e-9)
+
+    def test_chunk_order_does_not_matter_and_exact_zeros_are_handled(self):
+        labels = np.tile(np.arange(5), 6)
+        logits = np.where(np.eye(10, dtype=bool)[labels], 0.0, -np.inf)  # p(y|x) one-hot
+        running = fid.RunningInceptionScore(30, 3)
+        for start in (20, 0, 10):
+            running.update(logits[start : start + 10], start)
+        np.testing.assert_allclose(running.result(), (5.0, 0.0), atol=1e-12)
+
+    def test_missing_images_or_rows_out_of_range_raise(self):
+        running = fid.RunningInceptionScore(10, 2)
+        running.update(np.zeros((6, 3)), 0)
+        with self.assertRaisesRegex(ValueError, '6 of 10 images'):
+            running.result()
+        with self.assertRaisesRegex(ValueError, 'do not fit'):
+            running.update(np.zeros((6, 3)), 6)
+        with self.assertRaisesRegex(ValueError, 'NaN'):
+            running.update(np.full((2, 3), np.nan), 6)
+        with self.assertRaisesRegex(ValueError, 'splits'):
+            fid.RunningInceptionScore(3, 4)
+
+
 class RunningStatsTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ('one_chunk', [300]),

@@ -97,8 +97,11 @@ class GenerateTest(parameterized.TestCase):
         self.addCleanup(tmp.cleanup)
         self.out = tmp.name
 
-    def _generate(self, path, sample_fn=None, batch_size=4, num_samples=7, spec=None):
-        return generate.generate_to_npz(
+    def _generate(
+        self, path, sample_fn=None, batch_size=4, num_samples=7, spec=None, on_batch=None
+    ):
+        """Runs generate_to_npz; returns the images of the file it wrote."""
+        generate.generate_to_npz(
             sample_fn or self.sample_fn,
             self.params,
             path=path,
@@ -106,7 +109,10 @@ class GenerateTest(parameterized.TestCase):
             batch_size=batch_size,
             seed=0,
             spec=spec or {'checkpoint_step': self.step},
+            on_batch=on_batch,
         )
+        with np.load(path) as f:
+            return f['images']
 
     def test_load_sampler_returns_the_checkpoints_ema_params(self):
         state = train.train_and_evaluate(self.config, self.workdir)  # restores, trains nothing
@@ -119,8 +125,6 @@ class GenerateTest(parameterized.TestCase):
     def test_the_npz_holds_exactly_the_images_of_one_unsharded_call(self):
         path = os.path.join(self.out, 'samples.npz')
         images = self._generate(path)
-        with np.load(path) as f:
-            np.testing.assert_array_equal(f['images'], images)
         self.assertEqual(images.shape, (7, 8, 8, 1))
         self.assertEqual(images.dtype, np.uint8)
         # Independent of the batch size: one call of 7 images, no mesh, no shards.
@@ -158,6 +162,27 @@ class GenerateTest(parameterized.TestCase):
         np.testing.assert_array_equal(resumed, whole)
         with open(path, 'rb') as f, open(os.path.join(self.out, 'whole.npz'), 'rb') as g:
             self.assertEqual(np.load(f)['images'].tobytes(), np.load(g)['images'].tobytes())
+
+    @parameterized.parameters((4, 0), (4, 1), (3, 2))
+    def test_on_batch_sees_every_image_once_in_order_also_after_a_resume(self, batch, killed):
+        whole = self._generate(os.path.join(self.out, 'whole.npz'))
+        path = os.path.join(self.out, 'streamed.npz')
+        if killed:
+            with self.assertRaises(_KilledError):
+                self._generate(path, _dies_after(self.sample_fn, killed), batch)
+        seen = []
+
+        def on_batch(images, n, start):
+            self.assertEqual(images.dtype, np.uint8)
+            self.assertEqual(images.shape[0], 4)  # the rows of one compiled batch
+            seen.append((start, np.asarray(images)[:n]))
+
+        self._generate(path, on_batch=on_batch)
+        starts = [start for start, _ in seen]
+        self.assertEqual(starts, [0, 4] if batch == 4 else [0, 4, 6])
+        if batch == 3:  # replayed: the partial run's 6 images in batches of 4, then image 6
+            self.assertEqual([len(rows) for _, rows in seen], [4, 2, 1])
+        np.testing.assert_array_equal(np.concatenate([rows for _, rows in seen]), whole)
 
     def test_a_partial_run_with_other_settings_is_refused_and_kept(self):
         path = os.path.join(self.out, 'samples.npz')

@@ -76,6 +76,36 @@ class ImageIoTest(parameterized.TestCase):
                 np.testing.assert_array_equal(f['images'], images)
             self.assertEqual(os.listdir(d), ['samples.npz'])
 
+    def test_an_npz_written_from_row_chunks_is_the_one_np_load_reads(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'samples.npz')
+            images = np.random.default_rng(0).integers(0, 256, (10, 3, 2, 1), np.uint8)
+            chunks = [images[:4], images[4:4], images[4:9], images[9:]]
+            image_io.save_npz_rows(path, 'images', images.shape, np.uint8, iter(chunks))
+            with np.load(path) as f:
+                self.assertEqual(f.files, ['images'])
+                np.testing.assert_array_equal(f['images'], images)
+            self.assertEqual(os.listdir(d), ['samples.npz'])
+            # The first rows alone, from this file and from one np.savez wrote.
+            np.testing.assert_array_equal(image_io.load_npz_rows(path, 'images', 3), images[:3])
+            np.savez(os.path.join(d, 'other.npz'), images=images, labels=np.arange(10))
+            other = image_io.load_npz_rows(os.path.join(d, 'other.npz'), 'images', 99)
+            np.testing.assert_array_equal(other, images)
+
+    def test_chunks_that_do_not_add_up_leave_the_old_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, 'samples.npz')
+            old = np.zeros((2, 1, 1, 1), np.uint8)
+            image_io.save_npz(path, images=old)
+            for chunks, message in (
+                ([np.ones((3, 1, 1, 1), np.uint8)], 'hold 3 rows, not 4'),
+                ([np.ones((4, 1, 2, 1), np.uint8)], r'chunk of shape \(4, 1, 2, 1\)'),
+            ):
+                with self.assertRaisesRegex(ValueError, message):
+                    image_io.save_npz_rows(path, 'images', (4, 1, 1, 1), np.uint8, chunks)
+                np.testing.assert_array_equal(np.load(path)['images'], old)
+                self.assertEqual(os.listdir(d), ['samples.npz'])
+
 
 if __name__ == '__main__':
     absltest.main()

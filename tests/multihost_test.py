@@ -18,6 +18,7 @@ import time
 
 import fast_compile
 import numpy as np
+import scipy.stats
 from absl.testing import absltest, parameterized
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,16 +49,20 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-# FID's multi-host plumbing with a cheap stand-in for the Inception network: features of the
-# samples (the same array on both hosts, each feeding its share) and of uneven per-host chunk
-# lists, and the reference statistics of the digits reference split read by both hosts.
+# FID's multi-host plumbing with a cheap stand-in for the Inception network.
+# 1. The streaming path of --mode=eval: NUM images drawn by a stand-in sampler (image i comes from
+#    fold_in(key(0), i)), run once and killed after 3 batches, then resumed: generate_to_npz
+#    replays the shards and draws the rest into StreamingFidIs, under tracemalloc.
+# 2. Uneven per-host chunk lists through _features, and the reference statistics of the digits
+#    reference split read by both hosts.
 _FID_WORKER = textwrap.dedent("""
-    import sys
+    import sys, tracemalloc
     import jax, jax.numpy as jnp, numpy as np
-    from diffusion_jax import evaluate, parallel
+    from diffusion_jax import evaluate, generate, parallel
     from diffusion_jax.evaluation import fid
     from generate_test import tiny_config
-    out, stats_path, port, pid, nproc = sys.argv[1:6]
+    from multihost_test import BATCH, NUM, SHAPE, draw
+    out, stats_path, samples_path, port, pid, nproc = sys.argv[1:7]
     parallel.initialize_distributed(f'localhost:{port}', int(nproc), int(pid))
     mesh = parallel.create_mesh()
 
@@ -67,22 +72,58 @@ _FID_WORKER = textwrap.dedent("""
         pool = jnp.concatenate([x.mean((1, 2)), x.std((1, 2)), x[:, :1, 0, 0]], axis=-1)
         return pool, pool[:, :4]
 
-    samples = np.random.default_rng(0).integers(0, 256, (23, 4, 4, 3), np.uint8)
-    result = {}
-    stats = fid.RunningStats()
-    result['sample_logits'] = evaluate._features(
-        features, mesh, evaluate._sample_chunks(samples, 8), (4, 4, 3), 8, stats)
-    result['sample_mu'], result['sample_sigma'] = stats.mean, stats.covariance
+    sampler = jax.jit(draw, out_shardings=parallel.batch_sharding(mesh))
+
+    class Killed(Exception):
+        pass
+
+    warm = evaluate.StreamingFidIs(features, mesh, NUM)
+
+    def dies_after_3(images, n, start):  # also compiles the Inception input and the features
+        warm(images, n, start)
+        if start == 3 * BATCH:
+            raise Killed
+
+    def run(on_batch):
+        generate.generate_to_npz(
+            lambda params, rng, first: sampler(first), None, path=samples_path,
+            num_samples=NUM, batch_size=BATCH, seed=0, spec={}, on_batch=on_batch)
+
+    try:
+        run(dies_after_3)
+    except Killed:
+        pass
+    streamed = evaluate.StreamingFidIs(features, mesh, NUM)
+    tracemalloc.start()
+    run(streamed)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f'traced peak host memory {peak} bytes for {NUM * np.prod(SHAPE)} bytes of samples')
+    result = {'peak': peak, 'count': streamed.stats.count, 'is': streamed.scores.result()}
+    result['sample_mu'], result['sample_sigma'] = streamed.stats.mean, streamed.stats.covariance
+    crops = np.asarray(parallel.to_host(generate._to_uint8(sampler(0))))[:, :4, :4]
     # Process 0 has three chunks (4, 4 and 1 rows), process 1 one chunk of 2 rows.
-    uneven = [samples[:4], samples[4:8], samples[8:9]] if int(pid) == 0 else [samples[9:11]]
+    uneven = [crops[:4], crops[4:8], crops[8:9]] if int(pid) == 0 else [crops[9:11]]
     stats = fid.RunningStats()
-    result['uneven_logits'] = evaluate._features(features, mesh, uneven, (4, 4, 3), 8, stats)
+    evaluate._features(features, mesh, uneven, (4, 4, 3), 8, stats)
+    result['uneven_mu'], result['uneven_sigma'] = stats.mean, stats.covariance
     config = tiny_config()
     config.eval.compute_reference = True
     config.eval.reference_stats = stats_path
     result['ref_mu'], result['ref_sigma'] = evaluate._reference(config, features, mesh, 8)
     np.savez(out, **result)
 """)
+NUM, BATCH, SHAPE = 1024, 16, (32, 32, 3)
+
+
+def draw(first_index):
+    """The stand-in sampler: images first_index, ..., + BATCH - 1, each from fold_in(key(0), i)."""
+    import jax
+
+    def one(i):
+        return jax.random.uniform(jax.random.fold_in(jax.random.key(0), i), SHAPE, minval=-1)
+
+    return jax.vmap(one)(first_index + jax.numpy.arange(BATCH))
 
 
 def _free_port() -> int:
@@ -202,10 +243,10 @@ class TwoProcessTest(parameterized.TestCase):
             self.assertEqual(glob.glob(os.path.join(workdir, 'samples', '*partial*')), [])
             self.assertEqual(glob.glob(os.path.join(workdir, 'samples', '.*')), [])
 
-    def test_fid_features_and_reference_statistics_use_both_hosts(self):
+    def test_streamed_fid_of_a_resumed_eval_holds_no_host_all_samples(self):
         from generate_test import tiny_config
 
-        from diffusion_jax import input_pipeline
+        from diffusion_jax import image_io, input_pipeline
 
         def features(images):  # the worker's stand-in, in NumPy
             x = np.asarray(images, np.float64)
@@ -214,39 +255,45 @@ class TwoProcessTest(parameterized.TestCase):
             return np.concatenate([x.mean((1, 2)), x.std((1, 2)), x[:, :1, 0, 0]], axis=-1)
 
         with tempfile.TemporaryDirectory() as tmp:
-            stats_path = os.path.join(tmp, 'ref.npz')
+            stats_path, samples_path = os.path.join(tmp, 'ref.npz'), os.path.join(tmp, 's.npz')
             port = _free_port()
             commands = [
-                [
-                    sys.executable,
-                    '-c',
-                    _FID_WORKER,
-                    os.path.join(tmp, f'out_{pid}.npz'),
-                    stats_path,
-                    str(port),
-                    str(pid),
-                    '2',
-                ]
+                [sys.executable, '-c', _FID_WORKER, os.path.join(tmp, f'out_{pid}.npz'),
+                 stats_path, samples_path, str(port), str(pid), '2']
                 for pid in range(2)
-            ]
-            _run_together(commands, _env(2))
+            ]  # fmt: skip
+            logs = _run_together(commands, _env(2))
             outs = []
             for pid in range(2):
                 with np.load(os.path.join(tmp, f'out_{pid}.npz')) as f:
                     outs.append({k: f[k] for k in f.files})
-            samples = np.random.default_rng(0).integers(0, 256, (23, 4, 4, 3), np.uint8)
-            want = features(samples)
-            for key in ('sample_logits', 'uneven_logits'):  # the same on both hosts
-                np.testing.assert_array_equal(outs[0][key], outs[1][key])
-            # Every sample once, in order (each global chunk is host 0's rows, then host 1's).
-            np.testing.assert_allclose(outs[0]['sample_logits'], want[:, :4], rtol=1e-5)
-            np.testing.assert_allclose(outs[0]['sample_mu'], want.mean(0), rtol=1e-5)
-            np.testing.assert_allclose(
-                outs[0]['sample_sigma'], np.cov(want, rowvar=False), rtol=1e-4, atol=1e-6
-            )
-            # Uneven chunk lists: step 1 has host 0's 4 rows and host 1's 2, then 4, then 1.
-            order = [0, 1, 2, 3, 9, 10, 4, 5, 6, 7, 8]
-            np.testing.assert_allclose(outs[0]['uneven_logits'], want[order, :4], rtol=1e-5)
+            samples = np.concatenate([image_io.to_uint8(draw(i)) for i in range(0, NUM, BATCH)])
+            with np.load(samples_path) as f:  # the whole file, written once from the shards
+                np.testing.assert_array_equal(f['images'], samples)
+            want = features(samples)  # float64; the workers' stand-in computes in float32
+            for out, log in zip(outs, logs, strict=True):  # the same statistics on both hosts
+                self.assertEqual(int(out['count']), NUM)
+                np.testing.assert_allclose(out['sample_mu'], want.mean(0), rtol=1e-5)
+                np.testing.assert_allclose(
+                    out['sample_sigma'], np.cov(want, rowvar=False), rtol=1e-4, atol=1e-6
+                )
+                # IS of the stand-in "logits" with 10 splits, by scipy's KL per split.
+                p = np.exp(want[:, :4]) / np.exp(want[:, :4]).sum(1, keepdims=True)
+                scores = [
+                    np.exp(np.mean([scipy.stats.entropy(r, part.mean(0)) for r in part]))
+                    for part in (p[i * NUM // 10 : (i + 1) * NUM // 10] for i in range(10))
+                ]
+                np.testing.assert_allclose(out['is'], [np.mean(scores), np.std(scores)], rtol=1e-5)
+                # No host held the samples: traced host memory stays under a quarter of them.
+                self.assertLess(int(out['peak']), samples.nbytes // 4, log[-2000:])
+                print(re.search(r'traced peak .*', log)[0])  # shown with pytest -s
+            # Uneven chunk lists of 4x4 crops: every row of both hosts once (4 + 4 + 1 and 2 rows).
+            crops = features(samples[:11, :4, :4])
+            for out in outs:
+                np.testing.assert_allclose(out['uneven_mu'], crops.mean(0), rtol=1e-5)
+                np.testing.assert_allclose(
+                    out['uneven_sigma'], np.cov(crops, rowvar=False), rtol=1e-4, atol=1e-6
+                )
             # Reference statistics of the whole reference split, read by both hosts, written once.
             config = tiny_config()
             real = features(input_pipeline.load_images(config.data, config.eval.reference_split))
@@ -257,7 +304,8 @@ class TwoProcessTest(parameterized.TestCase):
                     f['sigma'], np.cov(real, rowvar=False), rtol=1e-5, atol=1e-6
                 )
             np.testing.assert_allclose(outs[0]['ref_mu'], real.mean(0), rtol=1e-6)
-            self.assertEqual(sorted(os.listdir(tmp)), ['out_0.npz', 'out_1.npz', 'ref.npz'])
+            names = ['out_0.npz', 'out_1.npz', 'ref.npz', 's.npz']
+            self.assertEqual(sorted(os.listdir(tmp)), names)
 
     def test_sigterm_to_one_host_saves_both_at_the_same_step_and_exits_0(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -97,9 +97,10 @@ class RemotePathTest(absltest.TestCase):
                     str(shard_dir / f'images_{start:08d}_{start + 4:08d}.npz'),
                     images=np.full((4, 2, 2, 1), 200, np.uint8),  # marks the reused shards
                 )
-            images = generate.generate_to_npz(
+            generate.generate_to_npz(
                 sample_fn, None, path=path, num_samples=10, batch_size=4, seed=0, spec={'x': 1}
             )
+            images = image_io.load_npz_rows(path, 'images')  # through epath, from the bucket
         self.assertEqual(images[:8, 0, 0, 0].tolist(), [200] * 8)  # resumed, not redrawn
         self.assertEqual(images[8:, 0, 0, 0].tolist(), [8, 9])
         local = pathlib.Path(self.root, 'w', 'samples')

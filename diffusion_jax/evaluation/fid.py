@@ -191,3 +191,59 @@ class RunningStats:
                 f'RunningStats.covariance needs at least 2 feature vectors; have {self._count}'
             )
         return self._scatter / (self._count - 1)
+
+
+class RunningInceptionScore:
+    """`inception_score` of N images whose logits arrive in chunks, in index order or any order.
+
+    Per split it keeps the sum of p(y|x) [K], the sum of sum_y p(y|x) log p(y|x) and a count: the
+    split's mean KL is E_x[sum_y p log p] - sum_y p(y) log p(y), with p(y) the split's mean of
+    p(y|x). Memory is O(splits x K), whatever N. Image i belongs to split s when
+    s * N // splits <= i < (s + 1) * N // splits, the rows `inception_score` gives split s.
+
+    Args:
+      num_images: N, the number of images that will be added (>= 1).
+      splits: number of splits, 1 <= splits <= N.
+    """
+
+    def __init__(self, num_images: int, splits: int):
+        if not 1 <= splits <= num_images:
+            raise ValueError(f'splits must be in [1, N={num_images}]; got {splits}')
+        self._bounds = np.arange(splits + 1) * num_images // splits
+        self._num_images = num_images
+        self._p_sum = None  # [splits, K] float64
+        self._p_log_p = np.zeros(splits)
+        self._counts = np.zeros(splits, np.int64)
+
+    def update(self, logits: np.ndarray, first_index: int) -> None:
+        """Adds the logits [n, K] of images first_index, ..., first_index + n - 1."""
+        logits = np.asarray(logits, np.float64)
+        n = logits.shape[0] if logits.ndim == 2 else -1
+        if n < 0 or first_index < 0 or first_index + n > self._num_images:
+            raise ValueError(
+                f'logits {logits.shape} at index {first_index} do not fit [N={self._num_images}, K]'
+            )
+        if np.any(np.isnan(logits)) or np.any(logits == np.inf):
+            raise ValueError('logits contain NaN or +inf')
+        log_p = scipy.special.log_softmax(logits, axis=1)
+        p = np.exp(log_p)
+        with np.errstate(invalid='ignore'):
+            p_log_p = np.where(p > 0, p * log_p, 0.0).sum(axis=1)
+        split = np.searchsorted(self._bounds, first_index + np.arange(n), side='right') - 1
+        if self._p_sum is None:
+            self._p_sum = np.zeros((len(self._counts), logits.shape[1]))
+        np.add.at(self._p_sum, split, p)
+        np.add.at(self._p_log_p, split, p_log_p)
+        np.add.at(self._counts, split, 1)
+
+    def result(self) -> tuple[float, float]:
+        """(mean, std over splits) of the score; every image must have been added once."""
+        if not np.array_equal(self._counts, np.diff(self._bounds)):
+            raise ValueError(
+                f'RunningInceptionScore has {int(self._counts.sum())} of {self._num_images} images'
+            )
+        p_y = self._p_sum / self._counts[:, None]
+        with np.errstate(divide='ignore', invalid='ignore'):
+            entropy_term = np.where(p_y > 0, p_y * np.log(p_y), 0.0).sum(axis=1)
+        scores = np.exp(self._p_log_p / self._counts - entropy_term)
+        return float(np.mean(scores)), float(np.std(scores))
