@@ -41,6 +41,24 @@ def _is_complete(step_dir: epath.Path) -> bool:
     return (step_dir / _STEP_METADATA_FILE).exists()
 
 
+def _stored_step(step_dir: epath.Path) -> int | None:
+    """The step a checkpoint says it holds (its meta's 'step'); None when that is unreadable.
+
+    Orbax's JSON handler keeps the `meta` item in `<step>/meta/metadata`.
+    """
+    try:
+        step = json.loads((step_dir / 'meta' / 'metadata').read_text()).get('step')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _misnamed(step_dir: epath.Path) -> bool:
+    """Whether a complete step directory holds another step than its name (renamed by hand)."""
+    stored = _stored_step(step_dir)
+    return stored is not None and str(stored) != step_dir.name
+
+
 def _is_interrupted_save(path: epath.Path) -> bool:
     """A step directory orbax was still writing (`<step>.orbax-checkpoint-tmp-*` locally)."""
     return path.name.split('.', 1)[0].isdigit() and ocp.path.step.is_tmp_checkpoint(path)
@@ -67,7 +85,8 @@ class _CompleteStepsNameFormat:
         return self.base.build_name(step)
 
     def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.path.step.Metadata]:
-        return (m for m in self.base.find_all(base_path) if _is_complete(m.path))
+        found = self.base.find_all(base_path)
+        return (m for m in found if _is_complete(m.path) and not _misnamed(m.path))
 
     def find_step(self, base_path: epath.PathLike, step: int) -> ocp.path.step.Metadata:
         metadata = self.base.find_step(base_path, step)
@@ -131,10 +150,10 @@ class Checkpointer:
         registry = ocp.handlers.create_default_handler_registry(
             state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
         )
-        self._manager = ocp.CheckpointManager(
+        self._open(
             directory,
-            handler_registry=registry,
-            options=ocp.CheckpointManagerOptions(
+            registry,
+            ocp.CheckpointManagerOptions(
                 # Orbax's default decision, spelled out: the interval, the preemption sync point
                 # under jax.distributed, and the first save into an empty directory.
                 save_decision_policy=policies.AnySavePolicy(
@@ -150,6 +169,33 @@ class Checkpointer:
                 step_name_format=self._name_format,
             ),
         )
+
+    @classmethod
+    def read_only(cls, directory: str) -> 'Checkpointer':
+        """Opens `directory` to read: nothing is created, removed or renamed in it.
+
+        For `--mode=sample|eval` next to a training job that may be saving: a read-only manager
+        leaves every `<step>.orbax-checkpoint-tmp-*` (perhaps a live save) alone. Use
+        `restore_subtree` to read the EMA parameters alone; `save` refuses.
+        """
+        self = cls.__new__(cls)
+        self._name_format = _CompleteStepsNameFormat(ocp.path.step.standard_name_format())
+        registry = ocp.handlers.create_default_handler_registry(
+            state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+        )
+        options = ocp.CheckpointManagerOptions(
+            read_only=True,
+            create=False,
+            cleanup_tmp_directories=False,
+            save_interval_steps=0,
+            step_name_format=self._name_format,
+        )
+        self._open(directory, registry, options)
+        return self
+
+    def _open(self, directory: str, registry, options: ocp.CheckpointManagerOptions) -> None:
+        self._manager = ocp.CheckpointManager(directory, handler_registry=registry, options=options)
+        self._read_only = options.read_only
         self._closed = False
 
     @property
@@ -173,6 +219,8 @@ class Checkpointer:
             preemption save right after the scheduled save of the same step), or when an
             incomplete directory occupies the step's path (it is never overwritten).
         """
+        if self._read_only:
+            raise ValueError(f'{self.directory} was opened read-only')
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -224,7 +272,7 @@ class Checkpointer:
             CheckpointError: no complete step exists, `step` is not complete, or every tried step
                 failed to restore; the message lists each step tried and its error.
         """
-        candidates = self._restore_candidates(step)
+        candidates = self.candidate_steps(step)
         abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
@@ -253,7 +301,35 @@ class Checkpointer:
             'move the folder away to start afresh; nothing was changed)'
         )
 
-    def _restore_candidates(self, step: int | None) -> list[int]:
+    def restore_subtree(self, key: str, target: Any, step: int) -> Any:
+        """`state[key]` of checkpoint `step` alone (e.g. 'ema_params'), from a read-only reader.
+
+        Args:
+            key: a top-level field of the saved state.
+            target: pytree like that field (arrays or jax.ShapeDtypeStruct with shardings);
+                its structure, shapes, dtypes and shardings are used.
+            step: a complete step.
+
+        Raises:
+            CheckpointError: the step is not complete or its files fail to restore.
+        """
+        self.candidate_steps(step)
+        abstract = {key: jax.tree.map(ocp.utils.to_shape_dtype_struct, target)}
+        restore = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=restore))
+        except Exception as e:  # orbax/tensorstore raise several types for damaged files
+            raise CheckpointError(
+                f'checkpoint step {step} in {self.directory} failed to restore {key}: '
+                f'{_short(e)} (damaged files, or a checkpoint of another model)'
+            ) from e
+        return restored['state'][key]
+
+    def candidate_steps(self, step: int | None) -> list[int]:
         """The steps `restore` tries, in order: `[step]`, or every complete step newest first.
 
         Raises:
@@ -335,10 +411,18 @@ class Checkpointer:
         complete, incomplete = [], []
         for path in self.directory.iterdir():
             if _STEP_RE.fullmatch(path.name):
-                if _is_complete(path):
-                    complete.append(int(path.name))
-                else:
+                if not _is_complete(path):
                     incomplete.append(path)
+                elif _misnamed(path):
+                    logging.warning(
+                        'Skipping checkpoint directory %s: it holds step %d (renamed by hand?); '
+                        'give it back its name %d to use it.',
+                        path,
+                        _stored_step(path),
+                        _stored_step(path),
+                    )
+                else:
+                    complete.append(int(path.name))
             elif _is_interrupted_save(path):
                 incomplete.append(path)
         for path in sorted(incomplete, key=lambda p: p.name):

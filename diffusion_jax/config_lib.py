@@ -344,17 +344,23 @@ def _check_num_steps(v: dict[str, Any]) -> Iterator[str]:
 
 
 def _check_interpolate(v: dict[str, Any]) -> Iterator[str]:
-    pair, t, num_timesteps = (
-        v.get('sampling.interpolate'),
-        v.get('sampling.interpolate_t'),
-        v.get('diffusion.num_timesteps'),
-    )
+    pair = v.get('sampling.interpolate')
     if pair and not re.fullmatch(r'\d+,\d+', pair):
         what = f'{pair!r} is not two image indices'
         yield _line('sampling.interpolate', what, "write 'I,J', e.g. '0,1', or '' to skip it")
+
+
+def _check_interpolate_t(v: dict[str, Any]) -> Iterator[str]:
+    t, num_timesteps = v.get('sampling.interpolate_t'), v.get('diffusion.num_timesteps')
     if t is not None and num_timesteps is not None and t >= num_timesteps:
         what = f'{t} is not below diffusion.num_timesteps {num_timesteps}'
         yield _line('sampling.interpolate_t', what, f'use 0..{num_timesteps - 1}')
+
+
+def _check_eval_samples(v: dict[str, Any]) -> Iterator[str]:
+    if v.get('eval.num_samples') == 1:
+        what = '1 image has no covariance for FID (or the digits FD)'
+        yield _line('eval.num_samples', what, 'use 0 to skip sample metrics, or at least 2')
 
 
 _CROSS_CHECKS = (
@@ -365,15 +371,21 @@ _CROSS_CHECKS = (
     _check_betas,
     _check_loss_and_variance,
     _check_weight_decay,
-    _check_num_steps,
+    _check_eval_samples,
 )
+# Checks of the caller's settings against the network's diffusion: sample and eval take the
+# diffusion from the checkpoint, so they run these on the merged config (`restore_ema`).
+_AGAINST_THE_WEIGHTS = (_check_num_steps, _check_interpolate_t)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool = False) -> None:
     """Checks a whole experiment config and reports every problem at once.
 
     Args:
         config: an experiment config with the sections and keys of `configs/cifar10.py`.
+        weights_from_checkpoint: the `WEIGHT_KEYS` will come from a checkpoint (sample and
+            eval modes): skip the checks that compare other settings with them, which
+            `generate.restore_ema` runs on the merged config.
 
     Raises:
         ConfigError: listing every problem, one line each, as
@@ -396,7 +408,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             problems.append(problem)
         else:
             values[key] = value
-    for check in _CROSS_CHECKS:
+    checks = _CROSS_CHECKS if weights_from_checkpoint else _CROSS_CHECKS + _AGAINST_THE_WEIGHTS
+    for check in checks:
         problems.extend(check(values))
     if problems:
         raise ConfigError('\n'.join(problems))

@@ -378,7 +378,7 @@ def write_workdir(
     logging.info('the checkpoint defines %s', ', '.join(f'{k}={v!r}' for k, v in weights.items()))
     ckpt_dir = os.path.join(workdir, 'checkpoints')
     with checkpointing.Checkpointer(ckpt_dir, keep=1, save_every_steps=1) as ckpt:  # closes
-        ckpt.save(0, state, meta={'config': config.to_dict()}, force=True)
+        ckpt.save(0, state, meta={'config': config.to_dict(), 'step': 0}, force=True)
     image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 

@@ -59,13 +59,19 @@ def restore_ema(
     """The experiment of a workdir's checkpoint and its EMA parameters, replicated over `mesh`.
 
     The checkpoint's stored config decides the network, diffusion and image format
-    (`config_lib.with_checkpoint_weights`); everything else comes from `config`.
+    (`config_lib.with_checkpoint_weights`), everything else comes from `config`, and the merged
+    config is validated before anything is restored. The checkpoints are opened read-only and
+    only the EMA parameters are read, so a training job saving next to it is never disturbed
+    and the optimizer settings do not matter. Without `step`, the newest complete step that
+    restores is used.
 
     Returns:
       (the experiment built from the merged config, the EMA params, the restored step).
 
     Raises:
       SampleError: the workdir has no complete checkpoint.
+      config_lib.ConfigError: the settings do not fit the checkpoint's network or diffusion.
+      checkpointing.CheckpointError: no tried step restores.
     """
     no_checkpoint = SampleError(
         f'no checkpoint in {checkpoint_dir(workdir)}: train first '
@@ -73,14 +79,27 @@ def restore_ema(
     )
     if not epath.Path(checkpoint_dir(workdir)).is_dir():  # do not create it
         raise no_checkpoint
-    with checkpointing.Checkpointer(checkpoint_dir(workdir), keep=1, save_every_steps=1) as ckpt:
+    with checkpointing.Checkpointer.read_only(checkpoint_dir(workdir)) as ckpt:
         if ckpt.latest_valid_step() is None:
             raise no_checkpoint
-        # The stored config decides the architecture, so read it before building the model.
-        meta = ckpt.restore_meta(step)
-        exp = experiment.build(config_lib.with_checkpoint_weights(meta.get('config', {}), config))
-        state, _ = ckpt.restore(exp.restore_target(mesh), step)
-    return exp, state.ema_params, int(state.step)
+        failures = []
+        for candidate in ckpt.candidate_steps(step):
+            meta = ckpt.restore_meta(candidate)
+            merged = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
+            config_lib.validate(merged)  # the effective settings, before any work
+            exp = experiment.build(merged)
+            try:
+                ema = ckpt.restore_subtree(
+                    'ema_params', exp.restore_target(mesh).ema_params, candidate
+                )
+            except checkpointing.CheckpointError as e:
+                if step is not None:
+                    raise
+                failures.append(str(e))
+                logging.warning('%s; trying the previous step', e)
+                continue
+            return exp, ema, candidate
+    raise checkpointing.CheckpointError('; '.join(failures))
 
 
 def load_sampler(
@@ -197,17 +216,49 @@ def _open_shard_dir(shard_dir: str, spec: dict[str, Any]) -> int:
     return 0
 
 
-def _agree_on_start(shard_dir: str, spec: dict[str, Any], writer: lead.LeadWriter) -> int:
-    """How many images a partial run already holds: process 0 looks, every process learns."""
+def _stored_spec(path: str) -> dict[str, Any] | None:
+    """The spec a finished samples file was drawn with; None for a file without one."""
+    try:
+        with epath.Path(path).open('rb') as f, np.load(f) as archive:
+            return json.loads(str(archive['spec'])) if 'spec' in archive.files else None
+    except (OSError, ValueError) as e:
+        raise SampleError(f'{path} exists but cannot be read ({e}); move it away') from e
+
+
+def _check_start(path: str, shard_dir: str, spec: dict[str, Any]) -> int:
+    """Images already drawn for `spec`: N for a finished file, a partial run's count, or 0.
+
+    Raises:
+      SampleError: `path` or `shard_dir` holds images of other settings (they are kept).
+    """
+    if epath.Path(path).exists():
+        old = _stored_spec(path)
+        if old != spec:
+            diff = 'unknown' if old is None else ', '.join(_differing(old, spec))
+            raise SampleError(
+                f'{path} already holds samples of other settings ({diff}): move it away, or '
+                'rerun with the same settings to reuse it'
+            )
+        return spec['num_samples']
+    return _open_shard_dir(shard_dir, spec)
+
+
+def _differing(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return [f'{k} {old.get(k)!r} there, {new.get(k)!r} now' for k in keys]
+
+
+def _agree_on_start(path: str, spec: dict[str, Any], writer: lead.LeadWriter) -> int:
+    """`_check_start` on process 0; every process learns the answer (or the refusal)."""
     done, refusal = 0, None
     if writer.is_lead:
         try:
-            done = _open_shard_dir(shard_dir, spec)
+            done = _check_start(path, path + '.partial', spec)
         except SampleError as e:
             done, refusal = -1, e
     done = int(multihost_utils.broadcast_one_to_all(np.int32(done)))
     if done < 0:
-        raise refusal or SampleError(f'process 0 refused {shard_dir}; see its log')
+        raise refusal or SampleError(f'process 0 refused to sample into {path}; see its log')
     return done
 
 
@@ -223,17 +274,17 @@ def _to_uint8(images: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
-def _replay(shard_dir: str, done: int, batch_size: int, on_batch: OnBatch, writer) -> None:
-    """Hands a partial run's images [0, done) to `on_batch`, a batch at a time.
+def _replay(chunks, done: int, batch_size: int, on_batch: OnBatch, writer) -> None:
+    """Hands images [0, done) already on disk to `on_batch`, a batch at a time.
 
-    Process 0 reads each batch from the shards and broadcasts it, so no process holds more than
-    one batch. Each batch is padded to `batch_size` rows: the consumer compiles one shape.
+    Process 0 reads each batch (`chunks`: an iterator of consecutive arrays of `batch_size`
+    rows, the last one shorter; None on the other processes) and broadcasts it, so no process
+    holds more than one batch. Each batch is padded to `batch_size` rows: one compiled shape.
     """
-    index = _shard_index(shard_dir) if writer.is_lead else []
     shape = np.zeros(4, np.int32)
     for start in range(0, done, batch_size):
         n = min(batch_size, done - start)
-        rows = _read_rows(shard_dir, index, start, start + n) if writer.is_lead else None
+        rows = next(chunks) if writer.is_lead else None
         if start == 0:
             shape[:] = (batch_size, *rows.shape[1:]) if writer.is_lead else 0
             shape = np.asarray(multihost_utils.broadcast_one_to_all(shape))
@@ -241,6 +292,22 @@ def _replay(shard_dir: str, done: int, batch_size: int, on_batch: OnBatch, write
         if writer.is_lead:
             padded[:n] = rows
         on_batch(np.asarray(multihost_utils.broadcast_one_to_all(padded)), n, start)
+
+
+def _replay_from_disk(path, done, num_samples, batch_size, on_batch, writer) -> None:
+    """`_replay` of a finished file (done == N) or of a partial run's shards."""
+    if not writer.is_lead:
+        chunks = None
+    elif done == num_samples and epath.Path(path).exists():
+        chunks = image_io.iter_npz_rows(path, 'images', batch_size)
+    else:
+        shard_dir = path + '.partial'
+        index = _shard_index(shard_dir)
+        chunks = (
+            _read_rows(shard_dir, index, start, min(start + batch_size, done))
+            for start in range(0, done, batch_size)
+        )
+    _replay(chunks, done, batch_size, on_batch, writer)
 
 
 def generate_to_npz(
@@ -259,7 +326,9 @@ def generate_to_npz(
     Each batch is written to `<path>.partial/images_<start>_<end>.npz` as soon as it is done; a
     rerun with the same `spec` skips the images already there. The final file is assembled from
     the shards a batch at a time and written atomically, and the shard folder removed. Only
-    process 0 writes; no process ever holds more than a batch of images.
+    process 0 writes; no process ever holds more than a batch of images. A finished `path`
+    drawn with the same settings is reused as it is (its images go to `on_batch`); one drawn
+    with other settings is refused, never replaced.
 
     Args:
       sample_fn: `sample_fn(params, rng, first_index)` -> [batch_size, H, W, C] in [-1, 1].
@@ -277,11 +346,13 @@ def generate_to_npz(
         raise SampleError(f'num_samples must be >= 1, got {num_samples}')
     shard_dir, writer = path + '.partial', lead.LeadWriter()
     spec = {**spec, 'seed': seed, 'num_samples': num_samples}
-    done = _agree_on_start(shard_dir, spec, writer)
-    if done:
+    done = _agree_on_start(path, spec, writer)
+    if done == num_samples:
+        logging.info('%s already holds these %d samples; reusing it', path, num_samples)
+    elif done:
         logging.info('resuming: %d of %d images already in %s', done, num_samples, shard_dir)
-        if on_batch is not None:
-            _replay(shard_dir, done, batch_size, on_batch, writer)
+    if done and on_batch is not None:
+        _replay_from_disk(path, done, num_samples, batch_size, on_batch, writer)
     rng, interactive = jax.random.key(seed), writer.is_lead and sys.stderr.isatty()
     with tqdm.tqdm(
         initial=done, total=num_samples, unit='img', disable=not interactive, dynamic_ncols=True
@@ -296,13 +367,16 @@ def generate_to_npz(
             bar.update(end - start)
             if not interactive:
                 logging.info('sampled %d of %d images', end, num_samples)
-    if writer.is_lead:
-        _write_final(shard_dir, path, num_samples, batch_size)
+    if writer.is_lead and not epath.Path(path).exists():  # not already finished
+        _write_final(shard_dir, path, num_samples, batch_size, spec)
     multihost_utils.sync_global_devices('generate_to_npz: written')
 
 
-def _write_final(shard_dir: str, path: str, num_samples: int, batch_size: int) -> None:
-    """Joins the shards' first `num_samples` images into `path`, a batch at a time."""
+def _write_final(shard_dir, path, num_samples: int, batch_size: int, spec) -> None:
+    """Joins the shards' first `num_samples` images into `path`, a batch at a time.
+
+    The file also holds `spec` (array `spec`, its JSON), which a rerun compares.
+    """
     index = _shard_index(shard_dir)
     first = _read_rows(shard_dir, index, 0, 1)
     chunks = (
@@ -310,7 +384,8 @@ def _write_final(shard_dir: str, path: str, num_samples: int, batch_size: int) -
         for start in range(0, num_samples, batch_size)
     )
     shape = (num_samples, *first.shape[1:])
-    image_io.save_npz_rows(path, 'images', shape, np.uint8, chunks)
+    spec_json = np.asarray(json.dumps(spec, sort_keys=True))
+    image_io.save_npz_rows(path, 'images', shape, np.uint8, chunks, spec=spec_json)
     epath.Path(shard_dir).rmtree()
 
 
@@ -327,11 +402,10 @@ def _source_images(config: ml_collections.ConfigDict, indices: list[int]) -> np.
     return images[indices]
 
 
-def _write_interpolation(config, workdir, params, step) -> str:
+def _write_interpolation(config, workdir, params, step, sources: np.ndarray) -> str:
     """Writes the strip [source a, the interpolants, source b] as a PNG; returns its path."""
     s = config.sampling
     i, j = (int(k) for k in s.interpolate.split(','))
-    sources = _source_images(config, [i, j])
     exp = experiment.build(config)
     t = s.interpolate_t if s.interpolate_t is not None else exp.diffusion.num_timesteps // 2
     interpolate_fn = sampling.make_interpolate_fn(
@@ -363,6 +437,9 @@ def run_sample_mode(
         workdir, config, mesh=mesh, step=s.checkpoint_step
     )
     path = os.path.join(workdir, 'samples', f'samples_{step}.npz')
+    # The interpolation's source images first: a bad index is refused before any sampling.
+    pair = [int(k) for k in s.interpolate.split(',')] if s.interpolate else []
+    sources = _source_images(config, pair) if pair else None
     logging.info('sampling %d images from checkpoint step %d into %s', s.num_samples, step, path)
     generate_to_npz(
         sample_fn,
@@ -377,6 +454,7 @@ def run_sample_mode(
     writer = lead.LeadWriter()
     writer.grid(grid_path, image_io.load_npz_rows(path, 'images', 100) if writer.is_lead else None)
     logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
-    if s.interpolate:
-        logging.info('wrote %s', _write_interpolation(config, workdir, params, step))
+    if pair:
+        strip = _write_interpolation(config, workdir, params, step, sources)
+        logging.info('wrote %s', strip)
     return path

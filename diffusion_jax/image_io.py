@@ -128,13 +128,19 @@ def save_json(path: str, obj: Any) -> None:
 
 
 def save_npz_rows(
-    path: str, name: str, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]
+    path: str,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks: Iterable[np.ndarray],
+    **small: np.ndarray,
 ) -> None:
-    """Writes an .npz holding one array `name` [shape] from its row chunks, atomically.
+    """Writes an .npz holding array `name` [shape] from its row chunks, atomically.
 
     The chunks (arrays [n_i, *shape[1:]] whose n_i add up to shape[0]) are written one after
     the other into the archive's .npy member (ZIP64, uncompressed, as `np.savez` writes it), so
-    the whole array is never in memory. `np.load(path)[name]` reads it back.
+    the whole array is never in memory. `small` arrays are stored beside it whole.
+    `np.load(path)[name]` reads it back.
 
     Raises:
       ValueError: when a chunk has another row shape, or the rows do not add up to shape[0].
@@ -155,10 +161,17 @@ def save_npz_rows(
             member.write(np.ascontiguousarray(chunk, dtype).tobytes())
         if rows != shape[0]:
             raise ValueError(f'the chunks hold {rows} rows, not {shape[0]}')
+        member.close()
+        for key, value in small.items():
+            with archive.open(key + '.npy', 'w') as extra:
+                np.lib.format.write_array(extra, np.asarray(value), allow_pickle=False)
 
 
-def load_npz_rows(path: str, name: str, stop: int | None = None) -> np.ndarray:
-    """Rows [0, stop) of array `name` of an .npz (all rows for None), reading no more of it."""
+def iter_npz_rows(path: str, name: str, rows: int) -> Iterator[np.ndarray]:
+    """Array `name` of an .npz in consecutive chunks of `rows` rows (the last may be shorter).
+
+    Reads the file as it goes: memory holds one chunk, whatever the array's size.
+    """
     with (
         epath.Path(path).open('rb') as f,
         zipfile.ZipFile(f) as archive,
@@ -172,8 +185,19 @@ def load_npz_rows(path: str, name: str, stop: int | None = None) -> np.ndarray:
         if read_header is None:
             raise ValueError(f'{path}: {name} has .npy format {version}; expected 1.0 or 2.0')
         shape, fortran, dtype = read_header(member)
-        if fortran:
-            raise ValueError(f'{path}: {name} is Fortran-ordered')
-        rows = shape[0] if stop is None else min(stop, shape[0])
-        data = member.read(rows * math.prod(shape[1:]) * dtype.itemsize)
-    return np.frombuffer(data, dtype).reshape(rows, *shape[1:]).copy()
+        if fortran or not shape:
+            raise ValueError(f'{path}: {name} is not a C-ordered array of rows')
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        for start in range(0, shape[0], rows):
+            count = min(rows, shape[0] - start)
+            data = member.read(count * row_bytes)
+            if len(data) != count * row_bytes:
+                raise ValueError(f'{path}: {name} ends after {start} of {shape[0]} rows')
+            yield np.frombuffer(data, dtype).reshape(count, *shape[1:]).copy()
+
+
+def load_npz_rows(path: str, name: str, stop: int | None = None) -> np.ndarray:
+    """Rows [0, stop) of array `name` of an .npz (all rows for None), reading no more of it."""
+    if stop is not None:
+        return next(iter_npz_rows(path, name, max(stop, 1)))[:stop]
+    return np.concatenate(list(iter_npz_rows(path, name, 1 << 30)))

@@ -40,9 +40,12 @@ _ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops other libraries' INFO records unless --verbosity >= 1; warnings always pass."""
+    """Drops other libraries' INFO records unless --verbosity >= 1; warnings pass, except
+    orbax's note that a checkpoint folder opened read-only (by sample and eval) is read-only."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
+        if _ORBAX_DIR in record.pathname and 'is read only' in str(record.msg):
+            return False
         if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1:
             return True
         return not any(part in record.pathname for part in _CHATTY)
@@ -132,7 +135,8 @@ def main(argv: list[str]) -> None:
         errors.fail(f'unexpected arguments: {" ".join(argv[1:])}')
     config = _CONFIG.value
     try:
-        config_lib.validate(config)
+        # Sample and eval check their settings against the checkpoint's diffusion once read.
+        config_lib.validate(config, weights_from_checkpoint=_MODE.value != 'train')
     except config_lib.ConfigError as e:
         errors.fail(str(e))
     workdir = _WORKDIR.value
@@ -151,11 +155,36 @@ def main(argv: list[str]) -> None:
         'sample': generate.run_sample_mode,
         'eval': evaluate.run_eval_mode,
     }
+    _check_workdir(workdir)
     mesh = parallel.create_mesh()  # every device of every process, made once for the mode
     try:
         modes[_MODE.value](config, workdir, mesh)
     except errors.UserError as e:
         errors.fail(str(e))
+    except OSError as e:  # the environment: permissions, a full disk, a path that is a file
+        logging.debug('the error in full', exc_info=True)
+        errors.fail(_os_error_message(e), one_line=True)
+    except RuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        errors.fail(
+            f'out of memory: {str(e).strip().splitlines()[0]}; use a smaller batch '
+            '(--config.training.batch_size, --config.sampling.batch_size or '
+            '--config.eval.batch_size); nothing was written',
+            one_line=True,
+        )
+
+
+def _os_error_message(e: OSError) -> str:
+    """'Permission denied: /w/train.lock (...)' from an OSError, with what to check."""
+    what = f'{e.strerror}: {e.filename}' if e.strerror and e.filename else str(e)
+    return f'{what} (check the path, its permissions and the free disk space)'
+
+
+def _check_workdir(workdir: str) -> None:
+    """Refuses a --workdir that is an existing file before anything is loaded."""
+    if '://' not in workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        errors.fail(f'--workdir {workdir} is a file, not a folder: give a folder path')
 
 
 def run() -> None:

@@ -32,6 +32,7 @@ from diffusion_jax import (
     preemption,
     sampling,
     summary,
+    workdir_lock,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
@@ -314,10 +315,21 @@ class _Run:
     sample_fn: sampling.SampleFn | None
     sample_rng: jax.Array
     last_saved: int
+    config_written: bool = False
+
+    def write_config(self) -> None:
+        """`config.json`, once per run: after its first step ran (an out-of-memory batch size
+        fails that step and leaves the old file)."""
+        if not self.config_written:
+            self.files.json(os.path.join(self.workdir, 'config.json'), self.config.to_dict())
+            self.config_written = True
 
     def after_step(self, done: int, state, metrics: dict[str, jax.Array]) -> None:
         """Logs, checkpoints and samples as the config asks after step `done`."""
         training = self.config.training
+        if not self.config_written:
+            jax.block_until_ready(metrics)  # the first step really ran
+            self.write_config()
         if done % training.log_every_steps == 0 or done == training.num_train_steps:
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
             scalars.update(self.progress.update(done, scalars))
@@ -327,7 +339,7 @@ class _Run:
             self.progress.update(done, None)
         # Asking orbax costs ~30 ms even when it declines, so only ask when it is due.
         due = done % training.checkpoint_every_steps == 0
-        if due and self.ckpt.save(done, state, meta=self.meta):
+        if due and self.ckpt.save(done, state, meta=self.meta(done)):
             self.last_saved = done
         if self.sample_fn and done % training.sample_every_steps == 0:
             self.write_samples(done, state)
@@ -335,15 +347,16 @@ class _Run:
     def finish(self, state) -> None:
         """Saves the last step unless it is saved; draws the final grid unless it is drawn."""
         final, training = int(state.step), self.config.training
+        self.write_config()
         if final != self.last_saved:
-            self.ckpt.save(final, state, meta=self.meta, force=True)
+            self.ckpt.save(final, state, meta=self.meta(final), force=True)
         every = training.sample_every_steps  # 0 (no grids) leaves sample_fn None
         if self.sample_fn and final == training.num_train_steps and final % every:
             self.write_samples(final, state)
 
-    @property
-    def meta(self) -> dict:
-        return {'config': self.config.to_dict()}
+    def meta(self, step: int) -> dict:
+        """A checkpoint's JSON: the config, and the step, which its directory name must match."""
+        return {'config': self.config.to_dict(), 'step': step}
 
     def write_samples(self, step: int, state) -> None:
         """Samples with the EMA parameters; the lead writes a PNG grid and a TensorBoard image."""
@@ -364,8 +377,17 @@ def train_and_evaluate(
     Writes `config.json`, TensorBoard scalars, checkpoints under `checkpoints/` and sample grids
     under `samples/` (from the lead process). `mesh`: the devices to train on; None: every
     device of every process. Returns the final state.
+
+    One training at a time per workdir: the run holds `WORKDIR/train.lock` (`workdir_lock`),
+    and a second one refuses with `workdir_lock.WorkdirLockedError`.
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
+    with workdir_lock.hold(workdir):
+        return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
+    """`train_and_evaluate` inside the workdir's lock."""
     training = config.training
     parallel.check_batch_size(training.batch_size, mesh.size, 'config.training.batch_size')
     init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(training.seed), 3)
@@ -378,7 +400,6 @@ def train_and_evaluate(
     )
     state, local_batches = _start(exp, ckpt, init_rng, mesh)
     start_step, files = int(state.step), lead.LeadWriter()
-    files.json(os.path.join(workdir, 'config.json'), config.to_dict())
     batches = parallel.prefetch_to_mesh(local_batches, mesh)
     jit_train_step = make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
     progress = _Progress(
