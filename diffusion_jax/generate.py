@@ -84,22 +84,23 @@ def restore_ema(
             raise no_checkpoint
         failures = []
         for candidate in ckpt.candidate_steps(step):
-            meta = ckpt.restore_meta(candidate)
-            merged = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
-            config_lib.validate(merged)  # the effective settings, before any work
-            exp = experiment.build(merged)
             try:
-                ema = ckpt.restore_subtree(
-                    'ema_params', exp.restore_target(mesh).ema_params, candidate
-                )
+                meta = ckpt.restore_meta(candidate)
+                merged = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
+                config_lib.validate(merged)  # the effective settings, before any work
+                exp = experiment.build(merged)
+                target = exp.restore_target(mesh).ema_params
+                return exp, ckpt.restore_subtree('ema_params', target, candidate), candidate
             except checkpointing.CheckpointError as e:
                 if step is not None:
                     raise
-                failures.append(str(e))
+                failures.append(f'step {candidate}: {e}')
                 logging.warning('%s; trying the previous step', e)
-                continue
-            return exp, ema, candidate
-    raise checkpointing.CheckpointError('; '.join(failures))
+    raise checkpointing.CheckpointError(
+        f'no checkpoint in {checkpoint_dir(workdir)} could be restored; tried '
+        + '; '.join(failures)
+        + ' (damaged files, or a checkpoint of another model; nothing was changed)'
+    )
 
 
 def load_sampler(

@@ -41,11 +41,19 @@ _ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 class _QuietLibraries(std_logging.Filter):
     """Drops other libraries' INFO records unless --verbosity >= 1; warnings pass, except
-    orbax's note that a checkpoint folder opened read-only (by sample and eval) is read-only."""
+    orbax's note that a checkpoint folder opened read-only (by sample and eval) is read-only.
+
+    Orbax logs each failure of its background save threads with a traceback; below
+    --verbosity=1 its records keep their one-line message only, since the error itself ends
+    the run with main's one `error:` line.
+    """
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if _ORBAX_DIR in record.pathname and 'is read only' in str(record.msg):
-            return False
+        if _ORBAX_DIR in record.pathname:
+            if 'is read only' in str(record.msg):
+                return False
+            if record.exc_info and logging.get_verbosity() < 1:
+                record.exc_info, record.exc_text = None, None
         if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1:
             return True
         return not any(part in record.pathname for part in _CHATTY)
@@ -128,7 +136,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(_QuietLibraries())  # jax's loggers reach root's handler
+    absl_logger = std_logging.getLogger('absl')  # orbax's: whichever handler shows them
+    if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietLibraries())
     sys.unraisablehook = _drop_closed_loop_noise
     std_logging.getLogger('asyncio').addFilter(_NoOrphanedFutures())
     if len(argv) > 1:
@@ -164,15 +175,28 @@ def main(argv: list[str]) -> None:
     except OSError as e:  # the environment: permissions, a full disk, a path that is a file
         logging.debug('the error in full', exc_info=True)
         errors.fail(_os_error_message(e), one_line=True)
-    except RuntimeError as e:
-        if 'RESOURCE_EXHAUSTED' not in str(e):
+    except (RuntimeError, ValueError) as e:  # XLA's and tensorstore's resource errors
+        message = _resource_message(e)
+        if message is None:
             raise
-        errors.fail(
-            f'out of memory: {str(e).strip().splitlines()[0]}; use a smaller batch '
-            '(--config.training.batch_size, --config.sampling.batch_size or '
-            '--config.eval.batch_size); nothing was written',
-            one_line=True,
+        errors.fail(message, one_line=True)
+
+
+def _resource_message(e: Exception) -> str | None:
+    """One line for a full disk or exhausted memory reported by XLA or tensorstore; else None."""
+    text = str(e).strip()
+    first = text.splitlines()[0][:300] if text else type(e).__name__
+    if 'No space left on device' in text:
+        return (
+            f'the disk is full: {first}; free some space and run again (files already there are '
+            'kept; training resumes from its newest complete checkpoint)'
         )
+    if 'RESOURCE_EXHAUSTED' in text:
+        return (
+            f'out of memory: {first}; use a smaller batch (--config.training.batch_size, '
+            '--config.sampling.batch_size or --config.eval.batch_size)'
+        )
+    return None
 
 
 def _os_error_message(e: OSError) -> str:
