@@ -6,6 +6,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from generate_test import tiny_config
 
@@ -27,6 +28,7 @@ class RateDistortionTest(parameterized.TestCase):
         self.assertAlmostEqual(out['rate_bpd'][0] + vb[0], 0.03 + vb.sum())
 
 
+@pytest.mark.slow  # compiles the T-step NLL bound of a U-Net
 class EvaluateBpdTest(parameterized.TestCase):
     def setUp(self):
         super().setUp()
@@ -91,6 +93,7 @@ class EvaluateBpdTest(parameterized.TestCase):
 
 
 class FidTest(parameterized.TestCase):
+    @pytest.mark.slow  # the Inception network
     def test_fid_and_is_with_random_inception_weights_against_numpy(self):
         from diffusion_jax.evaluation import fid, inception
 
@@ -166,6 +169,7 @@ class FidTest(parameterized.TestCase):
         self.assertIn('convert_inception', logs.output[0])
 
 
+@pytest.mark.slow  # trains, then the whole eval mode
 class EvalModeTest(parameterized.TestCase):
     def test_eval_mode_writes_the_table_plots_and_reports_fid_as_skipped(self):
         with tempfile.TemporaryDirectory() as workdir:
