@@ -20,8 +20,9 @@ tolerances and pass with it; a module that needed the optimised compile would be
 `_FULLY_OPTIMIZED` with the reason.
 
 `tiny_workdir` is one tiny digits run (trained and sampled in-process through main, once per
-session and pytest-xdist worker) that the sample, eval and bad-input tests share instead of each
-training their own. `pytest -m "not slow"` is the fast tier (see the README).
+session and pytest-xdist worker) that tests share instead of each training their own (today the
+bad-input tests; generate_test and evaluate_test still train theirs, in slow tests).
+`pytest -m "not slow"` is the fast tier (see the README).
 """
 
 import os
