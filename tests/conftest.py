@@ -11,6 +11,18 @@ set in the environment is used as it is.
 
 The cache changes how long tests take, never what they compute: a cached program is the same
 XLA executable that compiling would give.
+
+In this process, `jax_disable_most_optimizations` compiles with XLA's backend optimisation level
+0, as `fast_compile.py` does for the subprocesses: the same HLO program with the same numerics
+(XLA:CPU uses no fast-math either way), less optimised machine code, compiled in a fraction of
+the time. No test times anything. The numerics tests compare against NumPy with their own
+tolerances and pass with it; a module that needed the optimised compile would be listed in
+`_FULLY_OPTIMIZED` with the reason.
+
+`tiny_workdir` is one tiny digits run (trained and sampled in-process through main, once per
+session and pytest-xdist worker) that tests share instead of each training their own (today the
+bad-input tests; generate_test and evaluate_test still train theirs, in slow tests).
+`pytest -m "not slow"` is the fast tier (see the README).
 """
 
 import os
@@ -23,6 +35,47 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWNED_CACHE_DIR
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
     os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
+
+
+import jax  # noqa: E402  (after the cache settings above, which JAX reads at import)
+import pytest  # noqa: E402
+
+jax.config.update('jax_disable_most_optimizations', True)
+
+# Test modules that must compile fully optimised, with the reason (none needs it today).
+_FULLY_OPTIMIZED: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _optimized_compile_where_needed(request):
+    """Turns the optimisations back on around the tests of the `_FULLY_OPTIMIZED` modules."""
+    if request.node.path.name not in _FULLY_OPTIMIZED:
+        yield
+        return
+    jax.clear_caches()  # the flag is not part of JAX's in-memory cache keys
+    jax.config.update('jax_disable_most_optimizations', False)
+    try:
+        yield
+    finally:
+        jax.config.update('jax_disable_most_optimizations', True)
+        jax.clear_caches()
+
+
+@pytest.fixture(scope='session')
+def tiny_workdir(tmp_path_factory) -> str:
+    """A workdir of `cli.TINY_DIGITS`: checkpoints at steps 2 and 4, then samples_4.npz.
+
+    Made once per session (per xdist worker) by `--mode=train` and `--mode=sample` through
+    main, in-process. Shared: a test that writes into a workdir copies this one first.
+    """
+    import cli
+
+    workdir = str(tmp_path_factory.mktemp('tiny') / 'workdir')
+    for mode in ('train', 'sample'):
+        result = cli.run_main(*cli.tiny_digits_args(workdir), f'--mode={mode}')
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isfile(os.path.join(workdir, 'samples', 'samples_4.npz'))
+    return workdir
 
 
 def pytest_unconfigure(config) -> None:
@@ -43,7 +96,7 @@ _SLOW_FIRST = (
     'test_the_cifar10_recipe_runs_on_mock_data',
     'test_a_short_digits_run_learns',
     'test_train_sample_eval_on_digits_load_no_tensorflow',
-    'test_fid_and_is_with_random_inception_weights',
+    'test_streamed_fid_and_is_of_a_resumed_run',
     'test_resumed_run_is_bit_identical',
     'MultiDeviceTest',
     'PreemptionTest',

@@ -18,6 +18,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from safetensors.numpy import load_file, save_file
 
@@ -77,6 +78,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 class LoadDiffusersUnetTest(parameterized.TestCase):
+    @pytest.mark.slow  # compiles and runs the converted U-Net
     def test_our_forward_pass_on_the_converted_weights_matches_diffusers(self):
         config, params = convert.load_diffusers_unet(str(FIXTURE))
         with np.load(FIXTURE / 'io.npz') as f:
@@ -253,6 +255,7 @@ class LoadDiffusersUnetTest(parameterized.TestCase):
                 convert.load_diffusers_unet(unet)
 
 
+@pytest.mark.slow  # converts, writes and restores a whole workdir
 class CommandTest(absltest.TestCase):
     """`python -m diffusion_jax.convert`, run once into a workdir shared by these tests."""
 
@@ -305,6 +308,7 @@ class CommandTest(absltest.TestCase):
         )
         self.assertEqual(_files(self.workdir), before)
 
+    @pytest.mark.slow  # a subprocess
     def test_a_refused_model_is_one_error_line_with_exit_status_2_and_writes_nothing(self):
         with tempfile.TemporaryDirectory() as tmp:
             unet = _copy_fixture(tmp, {'flip_sin_to_cos': True})

@@ -6,6 +6,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 import scipy.special
 import scipy.stats
 from absl.testing import absltest, parameterized
@@ -29,6 +30,7 @@ class RateDistortionTest(parameterized.TestCase):
         self.assertAlmostEqual(out['rate_bpd'][0] + vb[0], 0.03 + vb.sum())
 
 
+@pytest.mark.slow  # compiles the T-step NLL bound of a U-Net
 class EvaluateBpdTest(parameterized.TestCase):
     def setUp(self):
         super().setUp()
@@ -107,6 +109,7 @@ class _KilledError(Exception):
 
 
 class FidTest(parameterized.TestCase):
+    @pytest.mark.slow  # the Inception network
     def test_streamed_fid_and_is_of_a_resumed_run_equal_whole_set_moments_of_the_network(self):
         from diffusion_jax import generate
         from diffusion_jax.evaluation import inception
@@ -202,6 +205,7 @@ class FidTest(parameterized.TestCase):
         self.assertIn('convert_inception', logs.output[0])
 
 
+@pytest.mark.slow  # trains, then the whole eval mode
 class EvalModeTest(parameterized.TestCase):
     def test_eval_mode_writes_the_table_plots_and_reports_fid_as_skipped(self):
         with tempfile.TemporaryDirectory() as workdir:

@@ -21,6 +21,7 @@ import fast_compile
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from absl.testing import absltest
 
 from diffusion_jax import checkpointing
@@ -70,6 +71,7 @@ def _tmp_dirs(checkpoints: pathlib.Path) -> list[str]:
     return [p.name for p in checkpoints.iterdir() if TMP_MARK in p.name]
 
 
+@pytest.mark.slow
 class SigkillTest(absltest.TestCase):
     def test_random_sigkills_including_mid_save_end_bit_identical(self):
         rng = random.Random(1234)

@@ -11,6 +11,7 @@ import textwrap
 import fast_compile
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from PIL import Image
 
@@ -73,6 +74,7 @@ def _dies_after(sample_fn, calls):
     return wrapped
 
 
+@pytest.mark.slow  # trains its own workdir and compiles samplers
 class GenerateTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -194,6 +196,7 @@ class GenerateTest(parameterized.TestCase):
         after = {p: pathlib.Path(p).read_bytes() for p in glob.glob(path + '.partial/*')}
         self.assertEqual(before, after)
 
+    @pytest.mark.slow  # a subprocess
     def test_interpolation_strip_and_npz_from_the_command_line(self):
         args = [
             '--config=configs/digits.py',
@@ -219,6 +222,7 @@ class GenerateTest(parameterized.TestCase):
         self.assertEqual(width * 12, height * 72)
         self.assertGreaterEqual(width, 7 * 32)
 
+    @pytest.mark.slow  # a subprocess (bad_input_test has it in-process)
     def test_sample_mode_without_a_checkpoint_fails_in_one_line(self):
         proc = run_main('--config=configs/digits.py', f'--workdir={self.out}', '--mode=sample')
         self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
@@ -266,6 +270,7 @@ class MergeConfigTest(parameterized.TestCase):
         self.assertEqual(caller.model.ch, 32)  # the caller's config is not modified
 
 
+@pytest.mark.slow  # 8 CPU devices need a fresh process
 class DeviceCountTest(parameterized.TestCase):
     def test_eight_devices_draw_the_same_images_as_one_for_any_batch_size(self):
         results = []

@@ -10,6 +10,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from flax import traverse_util
 
@@ -80,6 +81,7 @@ class InceptionTest(parameterized.TestCase):
         self.assertEqual(stats, 2 * scales)
 
     @parameterized.parameters((32, 32), (8, 8), (320, 300))
+    @pytest.mark.slow  # the Inception network
     def test_features_and_logits_have_the_standard_shapes(self, h, w):
         images = np.random.default_rng(0).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
         pool, logits = inception.make_feature_fn(self.params)(images)
@@ -132,6 +134,7 @@ class InceptionTest(parameterized.TestCase):
             self.assertEqual(flat[key].dtype, np.float32, key)
             np.testing.assert_array_equal(flat[key], value, err_msg=key)
 
+    @pytest.mark.slow  # a subprocess
     def test_the_converter_command_writes_a_file_that_load_params_reads(self):
         state = _torch_style_state_dict(self.params)
         expected = traverse_util.flatten_dict(self.params, sep='/')
@@ -213,6 +216,7 @@ class InceptionTest(parameterized.TestCase):
             with self.assertRaisesRegex(error, 'cannot read'):
                 inception.load_params(path)
 
+    @pytest.mark.slow  # a subprocess
     def test_the_converter_command_fails_in_one_line_on_a_missing_file(self):
         proc = subprocess.run(
             [sys.executable, '-m', 'diffusion_jax.evaluation.convert_inception', '/no/x.pth', 'y'],
@@ -249,6 +253,7 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the Inception network
 class ShardedTest(parameterized.TestCase):
     def test_sharded_features_equal_unsharded_ones(self):
         env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')

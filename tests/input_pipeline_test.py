@@ -13,6 +13,7 @@ from unittest import mock
 
 import ml_collections
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from PIL import Image
 from sklearn import datasets
@@ -346,6 +347,7 @@ def marked_indices(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(flipped, u[:, 0, -1], u[:, 0, 0]), flipped
 
 
+@pytest.mark.slow  # imports TensorFlow and builds mock tfds datasets
 class TfdsTest(absltest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -1,4 +1,9 @@
-"""The command line: bad input ends in one clear line on stderr and exit status 2."""
+"""The command line: bad input ends in one clear line on stderr and exit status 2.
+
+main runs in-process (`cli.run_main`); `python -m diffusion_jax.main` itself is started where
+only a fresh process shows the refusal (a device count forced through XLA_FLAGS, TensorFlow's
+import), and once to check that the real entry point behaves as the in-process calls do.
+"""
 
 import os
 import pathlib
@@ -8,6 +13,8 @@ import tempfile
 import types
 from unittest import mock
 
+import cli
+import pytest
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import main
@@ -15,7 +22,7 @@ from diffusion_jax import main
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, env=None, timeout=300):
+def run_main_subprocess(*args, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, '-m', 'diffusion_jax.main', *args],
         cwd=REPO,
@@ -50,18 +57,30 @@ class MainTest(parameterized.TestCase):
         ('negative_samples', ['--config.sampling.num_samples=0'], ['config.sampling.num_samples']),
     )
     def test_bad_config_overrides_are_refused_in_one_line(self, overrides, fragments):
-        proc = run_main('--config=configs/cifar10.py', f'--workdir={self.workdir}', *overrides)
+        proc = cli.run_main('--config=configs/cifar10.py', f'--workdir={self.workdir}', *overrides)
         self.assert_user_error(proc, *fragments)
 
     def test_a_missing_config_file_is_named(self):
-        proc = run_main('--config=configs/nope.py', f'--workdir={self.workdir}')
+        proc = cli.run_main('--config=configs/nope.py', f'--workdir={self.workdir}')
         self.assert_user_error(proc, 'could not load --config', 'configs/nope.py')
 
     def test_workdir_is_required(self):
-        self.assert_user_error(run_main('--config=configs/digits.py'), '--workdir is required')
+        self.assert_user_error(cli.run_main('--config=configs/digits.py'), '--workdir is required')
+
+    def test_the_entry_point_refuses_as_the_in_process_call_does(self):
+        args = ('--config=configs/digits.py', '--config.training.batchsize=3', '--workdir=/x')
+        proc = run_main_subprocess(*args)
+        self.assert_user_error(proc, 'unknown config key', 'batch_size')
+        in_process = cli.run_main(*args)
+        self.assertEqual(in_process.returncode, proc.returncode)
+        self.assertEqual(
+            in_process.stderr.strip().splitlines()[-1], proc.stderr.strip().splitlines()[-1]
+        )
 
     def test_eval_on_a_workdir_without_checkpoints_says_to_train_first(self):
-        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=eval')
+        proc = cli.run_main(
+            '--config=configs/digits.py', f'--workdir={self.workdir}', '--mode=eval'
+        )
         self.assert_user_error(proc, 'no checkpoint in', 'train first')
         self.assertEqual(os.listdir(self.workdir), [])  # nothing created
 
@@ -73,11 +92,12 @@ class MainTest(parameterized.TestCase):
         ),
     )
     def test_incomplete_multihost_flags_are_refused(self, flags, message):
-        proc = run_main('--config=configs/digits.py', f'--workdir={self.workdir}', *flags)
+        proc = cli.run_main('--config=configs/digits.py', f'--workdir={self.workdir}', *flags)
         self.assert_user_error(proc, message)
 
+    @pytest.mark.slow  # 8 CPU devices need a fresh process with XLA_FLAGS set
     def test_a_batch_that_does_not_divide_over_the_devices_names_sizes_that_work(self):
-        proc = run_main(
+        proc = run_main_subprocess(
             '--config=configs/digits.py',
             f'--workdir={self.workdir}',
             '--config.training.batch_size=12',
@@ -85,8 +105,9 @@ class MainTest(parameterized.TestCase):
         )
         self.assert_user_error(proc, 'does not divide over 8 devices', '8 or 16')
 
+    @pytest.mark.slow  # imports TensorFlow: a fresh process keeps it out of the test worker
     def test_a_dataset_that_is_not_downloaded_names_the_fix(self):
-        proc = run_main(
+        proc = run_main_subprocess(
             '--config=configs/digits.py',
             f'--workdir={self.workdir}',
             '--config.data.dataset=cifar10',

@@ -18,6 +18,7 @@ import time
 
 import fast_compile
 import numpy as np
+import pytest
 import scipy.stats
 from absl.testing import absltest, parameterized
 
@@ -185,6 +186,8 @@ def _train(workdir: str, outdir: str, steps: int, num_processes: int, devices: i
     return results, logs
 
 
+@pytest.mark.multihost
+@pytest.mark.slow
 class TwoProcessTest(parameterized.TestCase):
     def test_two_hosts_train_checkpoint_resume_and_sample_like_one(self):
         with tempfile.TemporaryDirectory() as tmp:

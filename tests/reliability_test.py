@@ -21,6 +21,7 @@ from unittest import mock
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 from cli import run_main
 
@@ -50,6 +51,7 @@ def _snapshot(root: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # trains and samples through main
 class ReliabilityTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):

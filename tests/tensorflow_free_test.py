@@ -15,6 +15,7 @@ import tempfile
 
 import fast_compile
 import numpy as np
+import pytest
 from absl.testing import absltest
 from PIL import Image
 
@@ -82,6 +83,7 @@ def run_main(*argv: str, block: bool = False) -> dict:
     return {**json.loads(lines[-1][len('RESULT ') :]), 'stderr': proc.stderr}
 
 
+@pytest.mark.slow  # each test starts python -m diffusion_jax.main
 class TensorFlowFreeTest(absltest.TestCase):
     def test_without_tensorflow_a_tfds_dataset_names_the_extra(self):
         with tempfile.TemporaryDirectory() as workdir:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest, parameterized
 
 from configs import cifar10, digits
@@ -67,6 +68,7 @@ def _leaves_equal(a, b):
     )
 
 
+@pytest.mark.slow  # training loops (300 steps; the CIFAR10 network)
 class TrainLoopTest(parameterized.TestCase):
     def test_a_short_digits_run_learns_and_writes_a_checkpoint(self):
         config = tiny_config(num_train_steps=300)
@@ -120,6 +122,7 @@ class TrainLoopTest(parameterized.TestCase):
         self.assertEqual(sum(x.size for x in jax.tree.leaves(state.params)), 35_746_307)
 
 
+@pytest.mark.slow  # each test compiles its own train step (a minute on 2 cores)
 class TrainStepTest(parameterized.TestCase):
     def test_ema_is_the_decayed_average_and_the_first_step_has_learning_rate_zero(self):
         config = tiny_config()
@@ -181,6 +184,7 @@ class TrainStepTest(parameterized.TestCase):
         self.assertEqual(float(m2['nonfinite']), 0.0)
         self.assertFalse(_leaves_equal(s2.params, s1.params))
 
+    @pytest.mark.slow  # a 30-step training loop
     def test_too_many_non_finite_steps_in_a_row_stop_the_run_with_the_checkpoint_intact(self):
         from diffusion_jax import input_pipeline
 
@@ -275,6 +279,7 @@ _EIGHT_DEVICES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # 8 CPU devices need a fresh process
 class MultiDeviceTest(parameterized.TestCase):
     def test_eight_devices_match_one_device_on_the_same_global_batch(self):
         env = fast_compile.env(8, PYTHONPATH=str(REPO))
@@ -290,6 +295,7 @@ class MultiDeviceTest(parameterized.TestCase):
         self.assertIn('MATCH', proc.stdout)
 
 
+@pytest.mark.slow  # trains in a subprocess
 class PreemptionTest(parameterized.TestCase):
     def _main(self, workdir, *overrides):
         return [

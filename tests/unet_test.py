@@ -349,8 +349,9 @@ class CompileTest(parameterized.TestCase):
 
         jit_apply = _jit(apply)
         out1 = jit_apply(params, _TINY_X, _TINY_T)
-        out2 = jit_apply(params, _TINY_X + 1.0, _TINY_T + 1)
-        self.assertEqual(out1.shape, out2.shape)
+        out2 = jit_apply(params, _TINY_X + 1.0, _TINY_T + 1)  # new values, the same program
+        self.assertEqual(out2.shape, _TINY_X.shape)  # an eps prediction: the image's shape
+        self.assertFalse(np.array_equal(out1, out2))
 
         def loss_fn(params):
             rngs = {'dropout': _key(1)}
