@@ -19,7 +19,6 @@ table is logged at the end.
 """
 
 import functools
-import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -226,8 +225,14 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
     if _reference_exists(config):
         if not lead.LeadWriter().is_lead:
             return np.zeros(()), np.zeros(())  # unused: only process 0 computes the FID
-        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
-            return f['mu'], f['sigma']
+        try:
+            stats = image_io.load_arrays(path, ['mu', 'sigma'])
+            return stats['mu'], stats['sigma']
+        except (OSError, KeyError, image_io.ArrayFileError) as e:
+            raise EvalError(
+                f'cannot read the FID reference statistics {path} ({e}); move it away and pass '
+                '--config.eval.compute_reference=True to compute them again'
+            ) from None
     _check_reference(config)
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.eval_split = config.eval.reference_split

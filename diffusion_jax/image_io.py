@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -19,6 +20,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from etils import epath
 from PIL import Image
+
+
+class ArrayFileError(ValueError):
+    """An .npy/.npz that is not what its header says: not arrays, pickles, or a size it lacks."""
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -69,6 +74,7 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() obeys the umask
         with os.fdopen(fd, 'w+b') as f:
             yield f
             f.flush()
@@ -84,6 +90,17 @@ def atomic_open(path: str) -> Iterator[BinaryIO]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -177,14 +194,7 @@ def iter_npz_rows(path: str, name: str, rows: int) -> Iterator[np.ndarray]:
         zipfile.ZipFile(f) as archive,
         archive.open(name + '.npy') as member,
     ):
-        version = np.lib.format.read_magic(member)
-        read_header = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }.get(version)
-        if read_header is None:
-            raise ValueError(f'{path}: {name} has .npy format {version}; expected 1.0 or 2.0')
-        shape, fortran, dtype = read_header(member)
+        shape, fortran, dtype = _npy_header(member, f'{path}: {name}')
         if fortran or not shape:
             raise ValueError(f'{path}: {name} is not a C-ordered array of rows')
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
@@ -201,3 +211,81 @@ def load_npz_rows(path: str, name: str, stop: int | None = None) -> np.ndarray:
     if stop is not None:
         return next(iter_npz_rows(path, name, max(stop, 1)))[:stop]
     return np.concatenate(list(iter_npz_rows(path, name, 1 << 30)))
+
+
+def array_names(path: str) -> list[str]:
+    """The array names of an .npz (without '.npy'), or [''] for an .npy file."""
+    with epath.Path(path).open('rb') as f:
+        if f.read(6) == b'\x93NUMPY':
+            return ['']
+        f.seek(0)
+        with _zip(f, path) as archive:
+            return [_member_name(path, name) for name in archive.namelist()]
+
+
+def load_arrays(path: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Arrays `names` (all for None) of an .npz, or {'': array} of an .npy, checked as read.
+
+    Unlike `np.load`, nothing is allocated before the header is checked against the bytes that
+    are there: a header that claims 10^12 images, a member that is not an array, an object
+    array (a pickle) or a truncated member raises `ArrayFileError` naming the member.
+    """
+    with epath.Path(path).open('rb') as f:
+        if f.read(6) == b'\x93NUMPY':
+            size = f.seek(0, os.SEEK_END)
+            f.seek(0)
+            return {'': _read_npy(f, size, str(path))}
+        f.seek(0)
+        with _zip(f, path) as archive:
+            wanted = set(array_names(path) if names is None else names)
+            arrays = {}
+            for info in archive.infolist():
+                name = _member_name(path, info.filename)
+                if name in wanted:
+                    with archive.open(info) as member:
+                        what = f'{path}: array {name!r}'
+                        arrays[name] = _read_npy(member, info.file_size, what)
+            return arrays
+
+
+def _zip(f: BinaryIO, path: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e:
+        raise ArrayFileError(f'{path} is neither an .npz nor an .npy file ({e})') from None
+
+
+def _member_name(path: str, filename: str) -> str:
+    if not filename.endswith('.npy'):
+        raise ArrayFileError(f'{path}: member {filename!r} is not an array (.npy)')
+    return filename[: -len('.npy')]
+
+
+def _read_npy(stream: BinaryIO, size: int, what: str) -> np.ndarray:
+    """The array of the .npy of `size` bytes at `stream`'s start, after checking its header."""
+    shape, fortran, dtype = _npy_header(stream, what)
+    if dtype.hasobject:
+        raise ArrayFileError(f'{what} holds Python objects (a pickle), which are not read')
+    nbytes = math.prod(shape) * dtype.itemsize
+    if size - stream.tell() != nbytes:
+        raise ArrayFileError(
+            f'{what}: its header claims {dtype} {list(shape)} ({nbytes:,} bytes) but it holds '
+            f'{size - stream.tell():,} bytes of data'
+        )
+    data = np.frombuffer(stream.read(nbytes), dtype)
+    return data.reshape(shape, order='F' if fortran else 'C').copy()
+
+
+def _npy_header(stream: BinaryIO, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the .npy header at `stream`'s position."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f'.npy format {version}; expected 1.0 or 2.0')
+        return read_header(stream)
+    except ValueError as e:
+        raise ArrayFileError(f'{what} has no valid .npy header ({e})') from None

@@ -28,18 +28,20 @@ a built-in source never load it; TensorFlow and tfds come with the `tfds` extra.
 import contextlib
 import itertools
 import os
-import zipfile
+import warnings
 from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import errors
+from diffusion_jax import errors, image_io
 
 BUILTIN_SOURCES = ('digits', 'folder', 'npz')
 DIGITS_NUM_TEST = 297  # the last 297 digits are the held-out 'test' split
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+# Pillow's modes for 16-bit grey PNGs ('I' in older Pillow versions): values 0..65535.
+_SIXTEEN_BIT_GREY = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
 _SHUFFLE_BUFFER = 10_000  # tf.data shuffle buffer, in examples, capped by _SHUFFLE_BYTES
 _SHUFFLE_BYTES = 1 << 30
 
@@ -130,21 +132,16 @@ def _load_npz(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise DatasetError(f'{what} does not exist; check --config.data.path')
     try:
-        with open(path, 'rb') as f:
-            loaded = np.load(f, allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                keys = list(loaded.keys())
-                key = split if split in keys else 'images' if 'images' in keys else None
-                if key is None and len(keys) == 1:
-                    key = keys[0]
-                if key is None:
-                    raise DatasetError(
-                        f"{what} holds arrays {keys}; name the images 'images' (or {split!r})"
-                    )
-                loaded = loaded[key]
-    except DatasetError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        keys = image_io.array_names(path)
+        key = split if split in keys else 'images' if 'images' in keys else None
+        if key is None and len(keys) == 1:
+            key = keys[0]  # an .npy, or an .npz of one array
+        if key is None:
+            raise DatasetError(
+                f"{what} holds arrays {keys}; name the images 'images' (or {split!r})"
+            )
+        loaded = image_io.load_arrays(path, [key])[key]
+    except (OSError, image_io.ArrayFileError) as e:
         raise DatasetError(f'{what} is not a readable .npz/.npy without pickles: {e}') from None
     images = loaded[..., None] if loaded.ndim == 3 else loaded
     _check_images(images, data_config, what)
@@ -157,25 +154,13 @@ def _load_folder(data_config: ml_collections.ConfigDict, split: str) -> np.ndarr
         raise DatasetError(f"dataset 'folder': {root} is not a folder; check --config.data.path")
     if os.path.isdir(os.path.join(root, split)):
         root = os.path.join(root, split)
-    paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(root) for f in files)
-    image_paths = [p for p in paths if p.lower().endswith(_IMAGE_EXTENSIONS)]
-    if skipped := len(paths) - len(image_paths):
-        logging.warning("dataset 'folder': skipped %d non-PNG/JPEG files in %s", skipped, root)
     size, channels = data_config.image_size, data_config.num_channels
     if channels not in (1, 3):
         raise DatasetError(
             f"dataset 'folder' reads RGB or grey images, not data.num_channels={channels}; "
             'set --config.data.num_channels=3 (or 1)'
         )
-    images, unreadable = [], []
-    for path in image_paths:
-        try:
-            images.append(_read_image(path, size, 'L' if channels == 1 else 'RGB'))
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-            unreadable.append(f'{path} ({e})')
-    if unreadable:
-        message = "dataset 'folder': skipped %d unreadable image files, e.g. %s"
-        logging.warning(message, len(unreadable), unreadable[0])
+    images = _read_images(_image_paths(root), size, 'L' if channels == 1 else 'RGB')
     if not images:
         raise DatasetError(
             f"dataset 'folder': no PNG/JPEG images found in {root}; check --config.data.path"
@@ -183,11 +168,76 @@ def _load_folder(data_config: ml_collections.ConfigDict, split: str) -> np.ndarr
     return np.stack(images).reshape(-1, size, size, channels)
 
 
-def _read_image(path: str, size: int, mode: str) -> np.ndarray:
-    """Center-crops the image at `path` to a square; bicubic resize to size x size; uint8."""
+def _image_paths(root: str) -> list[str]:
+    """The PNG/JPEG regular files under `root`, sorted; warns about what it leaves out.
+
+    A FIFO, socket or device named like an image is left out: opening one would block or read
+    forever.
+    """
+    paths = sorted(os.path.join(folder, f) for folder, _, files in os.walk(root) for f in files)
+    named = [p for p in paths if p.lower().endswith(_IMAGE_EXTENSIONS)]
+    if skipped := len(paths) - len(named):
+        logging.warning("dataset 'folder': skipped %d non-PNG/JPEG files in %s", skipped, root)
+    regular = [p for p in named if os.path.isfile(p)]
+    if odd := sorted(set(named) - set(regular)):
+        message = "dataset 'folder': skipped %d entries that are not regular files, e.g. %s"
+        logging.warning(message, len(odd), odd[0])
+    return regular
+
+
+def _read_images(paths: list[str], size: int, mode: str) -> list[np.ndarray]:
+    """`_read_image` of each path; broken and oversized files are skipped with a warning."""
+    images, unreadable, too_large = [], [], []
+    for path in paths:
+        try:
+            images.append(_read_image(path, size, mode))
+        except _TooLargeError as e:
+            too_large.append(f'{path} ({e})')
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+            unreadable.append(f'{path} ({e})')
+    if unreadable:
+        message = "dataset 'folder': skipped %d unreadable image files, e.g. %s"
+        logging.warning(message, len(unreadable), unreadable[0])
+    if too_large:
+        message = (
+            "dataset 'folder': skipped %d images over Pillow's decompression-bomb limit of %s "
+            'pixels (PIL.Image.MAX_IMAGE_PIXELS), e.g. %s; downscale them first'
+        )
+        logging.warning(message, len(too_large), f'{_max_pixels():,}', too_large[0])
+    return images
+
+
+class _TooLargeError(Exception):
+    """An image whose header claims more pixels than Pillow's decompression-bomb limit."""
+
+
+def _max_pixels() -> int:
     from PIL import Image
 
-    with Image.open(path) as image:
+    return Image.MAX_IMAGE_PIXELS or 2**63
+
+
+def _read_image(path: str, size: int, mode: str) -> np.ndarray:
+    """Center-crops the image at `path` to a square; bicubic resize to size x size; uint8.
+
+    16-bit grey PNGs are scaled to 8 bits (v / 257, rounded) before `mode` is applied; Pillow's
+    own conversion would clip every value over 255 to white. An image over Pillow's
+    decompression-bomb limit raises `_TooLargeError` before any pixel is decoded.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # checked just below
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise _TooLargeError(str(e).split('.')[0]) from None
+    with opened as image:
+        if image.width * image.height > _max_pixels():
+            raise _TooLargeError(f'{image.width}x{image.height} pixels')
+        if image.mode in _SIXTEEN_BIT_GREY:
+            wide = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
         image = image.convert(mode)  # decodes the whole file, raising if it is broken
     w, h = image.size
     s = min(w, h)

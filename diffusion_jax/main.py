@@ -6,11 +6,13 @@ impossible config, missing dataset, bad checkpoint) ends with one line on stderr
 status 2 instead of a traceback.
 """
 
+import difflib
+import importlib.util
 import inspect
 import logging as std_logging
 import os
-import re
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -92,25 +94,47 @@ class _NoOrphanedFutures(std_logging.Filter):
 
 
 def _unknown_key_message(error: str, argv: list[str]) -> str:
-    """'unknown config key: config.training.batchsize (did you mean config.training.batch_size?)'.
+    """'unknown config key: config.model.batch_size (did you mean config.model.ch?)'.
 
-    `error` is ml_collections' text, which quotes the bad key and may suggest a close one.
+    Names the override that does not exist: the first `--config.a.b=...` of `argv` whose path
+    leaves the loaded config, with the closest key at that level as a suggestion. Falls back
+    to ml_collections' own text (`error`) when the config itself could not be loaded.
     """
-    text = error.replace("\\'", "'")
-    names = re.findall(r"""['"](\w+)['"]""", text)
-    if not names:
-        return f'unknown config key: {text}'
-    bad = names[0]
-    full = bad
+    config = _config_file_of(argv)
     for arg in argv:
-        parts = arg[2:].split('=')[0].split('.') if arg.startswith('--config.') else []
-        if bad in parts[1:]:
-            full = '.'.join(parts[: parts.index(bad, 1) + 1])
-            break
-    suggestion = re.search(r'Did you mean "(\w+)"', text)
-    if suggestion:
-        return f'unknown config key: {full} (did you mean {full[: -len(bad)]}{suggestion[1]}?)'
-    return f'unknown config key: {full}'
+        if config is None or not arg.startswith('--config.'):
+            continue
+        path = arg[len('--') :].split('=', 1)[0].split('.')
+        node = config
+        for depth, name in enumerate(path[1:], start=1):
+            if not hasattr(node, 'keys') or name not in node:
+                full = '.'.join(path[: depth + 1])
+                keys = list(node.keys()) if hasattr(node, 'keys') else []
+                close = difflib.get_close_matches(name, keys, n=1)
+                hint = f' (did you mean {".".join(path[:depth])}.{close[0]}?)' if close else ''
+                return f'unknown config key: {full}{hint}'
+            node = node[name]
+    text = ' '.join(error.replace("\\'", "'").split())
+    return f'unknown config key: {text}'
+
+
+def _config_file_of(argv: list[str]) -> Any:
+    """The config that `--config=PATH[:ARG]` in `argv` names, without overrides; None if it fails.
+
+    ml_collections applies the overrides while it loads the file, so after a bad override the
+    flag holds no config to compare the overrides with.
+    """
+    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(':')
+    try:
+        module_spec = importlib.util.spec_from_file_location('_config_for_message', path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # only a better message is lost; the error is still reported
+        return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

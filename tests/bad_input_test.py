@@ -10,12 +10,15 @@ XLA_FLAGS, orbax's leftover reads at interpreter exit, TensorFlow's import) run 
 """
 
 import hashlib
+import io
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 
 import cli
 import fast_compile
@@ -84,6 +87,9 @@ class BadInputTest(parameterized.TestCase):
         ('unknown_config_key', ['--config.training.bogus=1'],
          ['unknown config key: config.training.bogus']),
         ('unknown_config_section', ['--config.bogus.x=1'], ['unknown config key: config.bogus']),
+        # The tiny run's flags set --config.training.batch_size too: the bad one is named.
+        ('key_in_the_wrong_section', ['--config.model.batch_size=4'],
+         ['unknown config key: config.model.batch_size']),
         ('misspelt_config_key', ['--config.training.batchsize=3'],
          ['config.training.batchsize', 'did you mean config.training.batch_size?']),
         ('wrong_type', ['--config.training.batch_size=abc'], ['batch_size', 'abc']),
@@ -149,6 +155,53 @@ class BadInputTest(parameterized.TestCase):
         before = _snapshot(self.workdir)
         proc = _main(self.workdir, '--config.data.dataset=folder', f'--config.data.path={folder}')
         self.assert_refused(proc, folder, before=before)
+
+    @parameterized.named_parameters(
+        ('member_not_an_array', 'images.txt', b'not an array', "'images.txt' is not an array"),
+        ('header_claims_1e12_images', 'images.npy', None, 'claims uint8 [1000000000000, 8, 8, 1]'),
+    )
+    def test_hostile_npz_data(self, member, data, fragment):
+        if data is None:
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {'descr': '|u1', 'fortran_order': False, 'shape': (10**12, 8, 8, 1)}
+            )
+            data = header.getvalue() + bytes(64)
+        path = os.path.join(self.tmp, 'data.npz')
+        with zipfile.ZipFile(path, 'w') as archive:
+            archive.writestr(member, data)
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--config.data.dataset=npz', f'--config.data.path={path}')
+        self.assert_refused(proc, 'data.npz', fragment, before=before)
+
+    def test_folder_of_a_fifo_and_a_decompression_bomb(self):
+        from input_pipeline_test import png_header_only
+
+        folder = os.path.join(self.tmp, 'images')
+        os.makedirs(folder)
+        os.mkfifo(os.path.join(folder, 'x.png'))
+        pathlib.Path(folder, 'bomb.png').write_bytes(png_header_only(20000, 20000))
+        before = _snapshot(self.workdir)
+        signal.signal(signal.SIGALRM, lambda *_: self.fail('blocked on the FIFO'))
+        self.addCleanup(signal.signal, signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(120)
+        self.addCleanup(signal.alarm, 0)
+        proc = _main(self.workdir, '--config.data.dataset=folder', f'--config.data.path={folder}')
+        self.assert_refused(proc, 'no PNG/JPEG images found', before=before)
+        self.assertIn('not regular files, e.g. ' + os.path.join(folder, 'x.png'), proc.stderr)
+        self.assertIn("over Pillow's decompression-bomb limit", proc.stderr)
+
+    def test_inception_weights_whose_header_claims_1e12_values(self):
+        weights = os.path.join(self.tmp, 'inception.npz')
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {'descr': '<f4', 'fortran_order': False, 'shape': (10**12,)}
+        )
+        with zipfile.ZipFile(weights, 'w') as archive:
+            archive.writestr('conv/kernel.npy', header.getvalue() + bytes(16))
+        before = _snapshot(self.workdir)
+        proc = _main(self.workdir, '--mode=eval', f'--config.eval.inception_weights={weights}')
+        self.assert_refused(proc, 'cannot read Inception weights', 'claims float32', before=before)
 
     def _corrupt(self, how: str) -> None:
         for step in ('2', '4'):

@@ -1,8 +1,10 @@
 """uint8 conversion, grids and atomic file writing."""
 
+import io
 import json
 import os
 import tempfile
+import zipfile
 from unittest import mock
 
 import numpy as np
@@ -105,6 +107,89 @@ class ImageIoTest(parameterized.TestCase):
                     image_io.save_npz_rows(path, 'images', (4, 1, 1, 1), np.uint8, chunks)
                 np.testing.assert_array_equal(np.load(path)['images'], old)
                 self.assertEqual(os.listdir(d), ['samples.npz'])
+
+    @parameterized.parameters(0o022, 0o077, 0o002)
+    def test_written_files_get_the_mode_a_plain_open_would(self, umask):
+        old = os.umask(umask)
+        self.addCleanup(os.umask, old)
+        with tempfile.TemporaryDirectory() as d:
+            image_io.save_json(os.path.join(d, 'm.json'), {})
+            image_io.save_npz(os.path.join(d, 's.npz'), images=np.zeros(1, np.uint8))
+            image_io.save_png(os.path.join(d, 'g.png'), np.zeros((2, 2, 1), np.uint8))
+            with open(os.path.join(d, 'plain'), 'w'):
+                pass
+            want = 0o666 & ~umask
+            self.assertEqual(os.stat(os.path.join(d, 'plain')).st_mode & 0o777, want)
+            for name in ('m.json', 's.npz', 'g.png'):
+                self.assertEqual(os.stat(os.path.join(d, name)).st_mode & 0o777, want, name)
+
+
+class LoadArraysTest(absltest.TestCase):
+    def setUp(self):
+        super().setUp()
+        self.dir = self.enter_context(tempfile.TemporaryDirectory())
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def write_member(self, name: str, member: str, data: bytes) -> str:
+        with zipfile.ZipFile(self.path(name), 'w') as archive:
+            archive.writestr(member, data)
+        return self.path(name)
+
+    def test_the_arrays_np_load_reads(self):
+        rng = np.random.default_rng(0)
+        arrays = {
+            'images': rng.integers(0, 256, (3, 4, 4, 1), np.uint8),
+            'f': np.asfortranarray(rng.normal(size=(3, 5))),
+            'scalar': np.asarray('text'),
+        }
+        np.savez(self.path('a.npz'), **arrays)
+        np.savez_compressed(self.path('c.npz'), **arrays)
+        for name in ('a.npz', 'c.npz'):
+            loaded = image_io.load_arrays(self.path(name))
+            self.assertEqual(sorted(loaded), sorted(arrays))
+            self.assertEqual(image_io.array_names(self.path(name)), list(arrays))
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(loaded[key], value)
+                self.assertEqual(loaded[key].dtype, value.dtype)
+            self.assertEqual(list(image_io.load_arrays(self.path(name), ['f'])), ['f'])
+        np.save(self.path('one.npy'), arrays['f'])
+        np.testing.assert_array_equal(image_io.load_arrays(self.path('one.npy'))[''], arrays['f'])
+
+    def test_a_header_claiming_1e12_images_is_refused_before_any_allocation(self):
+        header = io.BytesIO()
+        shape = (10**12, 32, 32, 3)
+        np.lib.format.write_array_header_1_0(
+            header, {'descr': '|u1', 'fortran_order': False, 'shape': shape}
+        )
+        data = header.getvalue() + bytes(3072)
+        with open(self.path('big.npy'), 'wb') as f:
+            f.write(data)
+        for path in (self.path('big.npy'), self.write_member('big.npz', 'images.npy', data)):
+            with self.assertRaisesRegex(
+                image_io.ArrayFileError, r'claims uint8 \[1000000000000, 32, 32, 3\].*3,072 bytes'
+            ):
+                image_io.load_arrays(path)
+
+    def test_a_truncated_member_is_refused(self):
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((4, 8), np.float32))
+        path = self.write_member('t.npz', 'images.npy', buf.getvalue()[:-5])
+        with self.assertRaisesRegex(image_io.ArrayFileError, r"'images'.*123 bytes of data"):
+            image_io.load_arrays(path)
+
+    def test_members_that_are_not_arrays_and_pickles_are_refused(self):
+        path = self.write_member('txt.npz', 'images.txt', b'hello')
+        with self.assertRaisesRegex(image_io.ArrayFileError, r"'images\.txt' is not an array"):
+            image_io.load_arrays(path)
+        np.savez(self.path('obj.npz'), images=np.array([{'a': 1}], dtype=object))
+        with self.assertRaisesRegex(image_io.ArrayFileError, 'Python objects'):
+            image_io.load_arrays(self.path('obj.npz'))
+        with open(self.path('junk.npz'), 'wb') as f:
+            f.write(b'junk')
+        with self.assertRaisesRegex(image_io.ArrayFileError, 'neither an .npz nor an .npy'):
+            image_io.load_arrays(self.path('junk.npz'))
 
 
 if __name__ == '__main__':

@@ -4,11 +4,16 @@ Expected values come from the raw data (scikit-learn's digits, fixtures written 
 the pipeline itself. tfds paths run offline under `tfds.testing.mock_data`.
 """
 
+import io
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
+import zlib
 from unittest import mock
 
 import ml_collections
@@ -246,9 +251,50 @@ class NpzTest(absltest.TestCase):
         with self.assertRaisesRegex(input_pipeline.DatasetError, r'--config\.data\.path'):
             input_pipeline.load_images(make_data_config(dataset='npz'), 'train')
 
+    def test_a_member_that_is_not_an_array_is_refused_naming_it(self):
+        path = os.path.join(make_tempdir(self), 'odd.npz')
+        with zipfile.ZipFile(path, 'w') as archive:
+            archive.writestr('images.txt', b'not an array')
+        config = make_data_config(dataset='npz', path=path)
+        with self.assertRaisesRegex(
+            input_pipeline.DatasetError, r"odd\.npz.*'images\.txt' is not an array"
+        ):
+            input_pipeline.load_images(config, 'train')
+
+    def test_a_header_claiming_1e12_images_is_refused_without_allocating(self):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {'descr': '|u1', 'fortran_order': False, 'shape': (10**12, 8, 8, 1)}
+        )
+        directory = make_tempdir(self)
+        npy = os.path.join(directory, 'huge.npy')
+        with open(npy, 'wb') as f:
+            f.write(header.getvalue() + bytes(64))
+        npz = os.path.join(directory, 'huge.npz')
+        with zipfile.ZipFile(npz, 'w') as archive:
+            archive.writestr('images.npy', header.getvalue() + bytes(64))
+        for path in (npy, npz):
+            config = make_data_config(dataset='npz', path=path)
+            with self.assertRaisesRegex(
+                input_pipeline.DatasetError, r'huge\.np.*claims uint8 \[1000000000000, 8, 8, 1\]'
+            ):
+                input_pipeline.load_images(config, 'train')
+
 
 def solid(width: int, height: int, rgb) -> Image.Image:
     return Image.new('RGB', (width, height), rgb)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A grey 8-bit PNG whose header claims width x height, with almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', crc)
+
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(100))
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', idat) + chunk(b'IEND', b'')
 
 
 class FolderTest(absltest.TestCase):
@@ -301,6 +347,41 @@ class FolderTest(absltest.TestCase):
         text = '\n'.join(logs.output)
         self.assertRegex(text, r'skipped 1 non-PNG/JPEG files in ')
         self.assertRegex(text, r'skipped 1 unreadable image files, e\.g\. \S*broken\.png')
+
+    def test_sixteen_bit_grey_pngs_are_scaled_not_clipped(self):
+        wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040).astype(np.uint16)
+        Image.fromarray(wide).save(os.path.join(self.root, 'g16.png'))
+        with Image.open(os.path.join(self.root, 'g16.png')) as check:
+            self.assertIn(check.mode, ('I;16', 'I'))  # really 16-bit on disk
+        want = np.floor(wide / 257.0 + 0.5).astype(np.uint8)  # 65535 -> 255, half-up
+        grey = make_data_config(dataset='folder', path=self.root)
+        np.testing.assert_array_equal(input_pipeline.load_images(grey, 'train')[0, ..., 0], want)
+        rgb = input_pipeline.load_images(self.config, 'train')[0]
+        np.testing.assert_array_equal(rgb, np.repeat(want[..., None], 3, axis=-1))
+
+    def test_a_fifo_named_like_an_image_is_skipped_not_opened(self):
+        solid(8, 8, (1, 2, 3)).save(os.path.join(self.root, 'ok.png'))
+        os.mkfifo(os.path.join(self.root, 'x.png'))  # opening it for reading would block
+        signal.signal(signal.SIGALRM, lambda *_: self.fail('the loader blocked on the FIFO'))
+        self.addCleanup(signal.signal, signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(60)
+        self.addCleanup(signal.alarm, 0)
+        with self.assertLogs(level='WARNING') as logs:
+            images = input_pipeline.load_images(self.config, 'train')
+        self.assertLen(images, 1)
+        self.assertRegex('\n'.join(logs.output), r'1 entries that are not regular .*x\.png')
+
+    def test_images_over_pillows_pixel_limit_are_skipped_before_decoding(self):
+        solid(8, 8, (1, 2, 3)).save(os.path.join(self.root, 'small.png'))
+        solid(16, 16, (4, 5, 6)).save(os.path.join(self.root, 'large.png'))
+        # A 20000x20000 header over a few bytes of data: Pillow's own error, above twice the limit.
+        with open(os.path.join(self.root, 'bomb.png'), 'wb') as f:
+            f.write(png_header_only(20000, 20000))
+        with mock.patch.object(Image, 'MAX_IMAGE_PIXELS', 100), self.assertLogs() as logs:
+            images = input_pipeline.load_images(self.config, 'train')
+        np.testing.assert_array_equal(images, np.broadcast_to([1, 2, 3], (1, 8, 8, 3)))
+        text = '\n'.join(logs.output)
+        self.assertRegex(text, r'skipped 2 images over .* limit of 100 pixels.*bomb\.png')
 
     def test_empty_folder_is_refused(self):
         with self.assertRaisesRegex(input_pipeline.DatasetError, 'no PNG/JPEG images found in'):

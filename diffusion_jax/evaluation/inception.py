@@ -28,7 +28,6 @@ renames separators and transposes.
 import functools
 import hashlib
 import io
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +40,7 @@ from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from diffusion_jax import errors, parallel
+from diffusion_jax import errors, image_io, parallel
 
 NUM_FEATURES = 2048
 NUM_LOGITS = 1008
@@ -310,7 +309,6 @@ def save_params(path: str, params: dict[str, Any], *, source_sha256: str) -> Non
       source_sha256: hex SHA-256 of the file they were converted from (recorded, checked by
         `load_params` against `config.eval.inception_sha256`).
     """
-    from diffusion_jax import image_io
 
     flat = traverse_util.flatten_dict(params, sep='/') if _is_nested(params) else params
     flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -360,11 +358,11 @@ def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if not path or not epath.Path(path).is_file():
         raise InceptionWeightsError(f'no Inception weights file at {path!r}: {HOWTO}')
     try:
-        with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
-            flat = {k: f[k] for k in f.files if not k.startswith('_')}
-            meta = {k: f[k].item() for k in f.files if k.startswith('_')}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        arrays = image_io.load_arrays(path)
+    except (OSError, image_io.ArrayFileError) as e:
         raise InceptionWeightsError(f'cannot read Inception weights {path}: {e}; {HOWTO}') from e
+    flat = {k: v for k, v in arrays.items() if not k.startswith('_')}
+    meta = {k: v.item() for k, v in arrays.items() if k.startswith('_')}
     return flat, meta
 
 
