@@ -7,7 +7,6 @@ status 2 instead of a traceback.
 """
 
 import difflib
-import importlib.util
 import inspect
 import logging as std_logging
 import os
@@ -119,21 +118,15 @@ def _unknown_key_message(error: str, argv: list[str]) -> str:
 
 
 def _config_file_of(argv: list[str]) -> Any:
-    """The config that `--config=PATH[:ARG]` in `argv` names, without overrides; None if it fails.
+    """The config that `--config=PATH` in `argv` names, without overrides; None if it fails.
 
     ml_collections applies the overrides while it loads the file, so after a bad override the
     flag holds no config to compare the overrides with.
     """
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-    if spec is None:
-        return None
-    path, _, arg = spec.partition(':')
+    path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     try:
-        module_spec = importlib.util.spec_from_file_location('_config_for_message', path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
-    except Exception:  # only a better message is lost; the error is still reported
+        return None if path is None else config_lib.load_config_file(path)
+    except config_lib.ConfigError:  # only a better message is lost; the error is still reported
         return None
 
 
