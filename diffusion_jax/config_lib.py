@@ -72,6 +72,7 @@ SCHEMA: dict[str, Field] = {
     'model.num_groups': Field(int, bounds=_POSITIVE),
     'model.dtype': Field(str, choices=options.DTYPES),
     'model.param_dtype': Field(str, choices=options.DTYPES),
+    'model.remat': Field(bool),
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
     'diffusion.beta_schedule': Field(str, choices=options.BETA_SCHEDULES),
     'diffusion.beta_start': Field(float),  # range depends on the schedule: _check_betas
@@ -80,6 +81,7 @@ SCHEMA: dict[str, Field] = {
     'diffusion.model_var_type': Field(str, choices=options.MODEL_VAR_TYPES),
     'diffusion.loss_type': Field(str, choices=options.LOSS_TYPES),
     'training.batch_size': Field(int, bounds=_POSITIVE),
+    'training.num_microbatches': Field(int, bounds=_POSITIVE),  # divides it: _check_microbatches
     'training.num_train_steps': Field(int, bounds=_NON_NEGATIVE),
     'training.log_every_steps': Field(int, bounds=_POSITIVE),
     'training.checkpoint_every_steps': Field(int, bounds=_POSITIVE),
@@ -363,8 +365,18 @@ def _check_eval_samples(v: dict[str, Any]) -> Iterator[str]:
         yield _line('eval.num_samples', what, 'use 0 to skip sample metrics, or at least 2')
 
 
+def _check_microbatches(v: dict[str, Any]) -> Iterator[str]:
+    batch, slices = v.get('training.batch_size'), v.get('training.num_microbatches')
+    if batch is not None and slices is not None and batch % slices:
+        divisors = [k for k in range(1, batch + 1) if batch % k == 0]
+        nearest = min(divisors, key=lambda k: (abs(k - slices), k))
+        what = f'{slices} does not divide training.batch_size {batch}'
+        yield _line('training.num_microbatches', what, f'use a divisor of it, e.g. {nearest}')
+
+
 _CROSS_CHECKS = (
     _check_interpolate,
+    _check_microbatches,
     _check_data_path,
     _check_resolutions,
     _check_group_norm,
@@ -415,11 +427,18 @@ def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool
         raise ConfigError('\n'.join(problems))
 
 
+# model.* keys that change how the network is computed, not its weights or its outputs.
+_MEMORY_ONLY_KEYS = ('model.remat',)
+
 # What a checkpoint's weights mean: the network, the diffusion it was trained for and the image
 # format. Everything else (data locations, training, optimizer, sampling and eval settings) is
 # free to change between the run that saved a checkpoint and the run that uses it.
 WEIGHT_KEYS = (
-    *(key for key in SCHEMA if key.startswith(('model.', 'diffusion.'))),
+    *(
+        key
+        for key in SCHEMA
+        if key.startswith(('model.', 'diffusion.')) and key not in _MEMORY_ONLY_KEYS
+    ),
     'data.image_size',
     'data.num_channels',
 )

@@ -10,7 +10,8 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,60 @@ def _loss_per_quarter(loss: jax.Array, t: jax.Array, num_timesteps: int) -> dict
     return metrics
 
 
+def _microbatches(tree: Any, k: int) -> Any:
+    """Every array [B, ...] of `tree` as k slices [k, B / k, ...]; slice i holds rows i, i + k, ...
+
+    Strided rather than contiguous: each device's rows of the global batch are split evenly
+    among the slices, so every device works on every slice.
+    """
+    return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(-1, k, *a.shape[1:]), 0, 1), tree)
+
+
+def _whole_batch(tree: Any) -> Any:
+    """Inverts `_microbatches`: [k, B / k, ...] -> [B, ...] in the original row order."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:]), tree)
+
+
+def _loss_and_grads(
+    params: Any,
+    apply_fn: Callable[..., jax.Array],
+    diffusion: diffusion_lib.GaussianDiffusion,
+    batch: tuple[jax.Array, jax.Array, jax.Array],
+    dropout_rng: jax.Array,
+    num_microbatches: int,
+) -> tuple[dict[str, jax.Array], Any]:
+    """(per-example losses {'loss', 'mse', 'vb'} [B], gradient of the mean loss).
+
+    `batch` is (x_start [B, H, W, C], t [B], noise [B, H, W, C]). With k = `num_microbatches`
+    > 1, a `lax.scan` runs the network on k slices of B / k examples and averages their
+    gradients: the same mean-loss gradient (to float rounding) in the activation memory of one
+    slice. Slice i's dropout key is `fold_in(dropout_rng, i)`.
+    """
+
+    def mean_loss(params, x_start, t, noise, rng):
+        def model_fn(x_t, t):
+            return apply_fn({'params': params}, x_t, t, train=True, rngs={'dropout': rng})
+
+        losses = diffusion_lib.training_losses(diffusion, model_fn, x_start, t, noise)
+        return jnp.mean(losses['loss']), losses
+
+    value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+    if num_microbatches == 1:
+        (_, losses), grads = value_and_grad(params, *batch, dropout_rng)
+        return losses, grads
+
+    def one_slice(grad_sum, inputs):
+        index, part = inputs
+        (_, losses), grads = value_and_grad(params, *part, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, grad_sum, grads), losses
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    slices = (jnp.arange(num_microbatches), _microbatches(batch, num_microbatches))
+    grad_sum, losses = jax.lax.scan(one_slice, zeros, slices)
+    grads = jax.tree.map(lambda g: g / num_microbatches, grad_sum)
+    return _whole_batch(losses), grads
+
+
 def train_step(
     state: train_state_lib.TrainState,
     batch: dict[str, jax.Array],
@@ -89,6 +144,7 @@ def train_step(
     diffusion: diffusion_lib.GaussianDiffusion,
     ema_decay: float,
     learning_rate_fn: optax.Schedule,
+    num_microbatches: int = 1,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
     """One optimizer step on L_simple (or the configured loss).
 
@@ -99,6 +155,9 @@ def train_step(
       diffusion: the diffusion.
       ema_decay: EMA decay of the parameters.
       learning_rate_fn: the schedule, for logging the step's learning rate.
+      num_microbatches: k slices of B / k examples through the network, gradients averaged,
+        one optimizer step (`_loss_and_grads`). t and the noise are drawn for the whole batch
+        first, so k changes neither.
 
     Returns:
       (new state, metrics): scalar `nonfinite` (1.0 when the loss or a gradient was not finite
@@ -113,17 +172,10 @@ def train_step(
     t_rng, noise_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step), 3)
     t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps)
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
-
-    def loss_fn(params):
-        def model_fn(x_t, t):
-            return state.apply_fn(
-                {'params': params}, x_t, t, train=True, rngs={'dropout': dropout_rng}
-            )
-
-        losses = diffusion_lib.training_losses(diffusion, model_fn, x_start, t, noise)
-        return jnp.mean(losses['loss']), losses
-
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    losses, grads = _loss_and_grads(
+        state.params, state.apply_fn, diffusion, (x_start, t, noise), dropout_rng, num_microbatches
+    )
+    loss = jnp.mean(losses['loss'])
     new_state = state.apply_gradients(grads=grads)
     ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
     new_state = new_state.replace(ema_params=ema)
@@ -147,6 +199,7 @@ def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
         diffusion=diffusion,
         ema_decay=config.optim.ema_decay,
         learning_rate_fn=learning_rate_fn,
+        num_microbatches=config.training.num_microbatches,
     )
     replicated = parallel.replicated(mesh)
     return jax.jit(

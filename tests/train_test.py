@@ -122,6 +122,85 @@ class TrainLoopTest(parameterized.TestCase):
         self.assertEqual(sum(x.size for x in jax.tree.leaves(state.params)), 35_746_307)
 
 
+@pytest.mark.slow  # compiles two train steps
+class MicrobatchTest(absltest.TestCase):
+    def test_four_slices_take_the_same_steps_as_the_whole_batch(self):
+        config = tiny_config()
+        config.optim.warmup_steps = 0
+        model = models.get_model(config)
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+        images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 8, 8, 1)).astype(np.float32)
+        runs = {}
+        for k in (1, 4):
+            step = jax.jit(
+                functools.partial(
+                    train.train_step,
+                    diffusion=experiment.create_diffusion(config),
+                    ema_decay=0.9,
+                    learning_rate_fn=lr_fn,
+                    num_microbatches=k,
+                )
+            )
+            s, metrics = jax.tree.map(jnp.copy, state), []
+            for batch in images:
+                s, m = step(s, {'image': jnp.asarray(batch)}, jax.random.key(1))
+                metrics.append(m)
+            runs[k] = s, metrics
+        (whole, m1), (sliced, m4) = runs[1], runs[4]
+        self.assertEqual(int(sliced.step), 3)
+        for a, b in zip(m1, m4, strict=True):  # the same examples, t and noise: same losses
+            for key in ('loss', 'mse', 'loss_q0', 'loss_q1', 'loss_q2', 'loss_q3', 'grad_norm'):
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-6, err_msg=key)
+        # Adam divides by sqrt(v): a gradient entry near zero, where float32 rounding of the
+        # summation order is a large part of it, can move its update by a fraction of the
+        # learning rate. So parameters agree to 1% of one step's size (lr = 1e-3); the
+        # gradients themselves are compared tightly below.
+        lr = config.optim.learning_rate
+        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(sliced.params), strict=True):
+            np.testing.assert_allclose(b, a, rtol=0, atol=0.01 * lr)
+        self.assertFalse(_leaves_equal(whole.params, state.params))  # the steps did move them
+
+    def test_the_mean_gradient_of_four_slices_is_the_whole_batchs(self):
+        config = tiny_config()
+        model = models.get_model(config)
+        params = model.init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1, int), train=False
+        )
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.uniform(-1, 1, (16, 8, 8, 1)), jnp.float32)
+        t = jnp.asarray(rng.integers(0, 250, 16))
+        noise = jnp.asarray(rng.standard_normal((16, 8, 8, 1)), jnp.float32)
+        diffusion = experiment.create_diffusion(config)
+        out = {
+            k: jax.jit(
+                lambda p, b, k=k: train._loss_and_grads(
+                    p, model.apply, diffusion, b, jax.random.key(2), k
+                )
+            )(params['params'], (x, t, noise))
+            for k in (1, 4)
+        }
+        np.testing.assert_allclose(out[4][0]['loss'], out[1][0]['loss'], rtol=1e-6)
+        leaves = list(zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[4][1]), strict=True))
+        # float32 rounding: relative to each entry, plus a floor at 1e-6 of the largest entry
+        # for gradients that are zero but for rounding (biases just before a GroupNorm).
+        scale = max(float(np.abs(whole).max()) for whole, _ in leaves)
+        for whole, sliced in leaves:
+            np.testing.assert_allclose(sliced, whole, rtol=1e-4, atol=1e-6 * scale)
+        # The mean over slices, not the sum: a second check that the scale is right.
+        norms = [optax.tree.norm(out[k][1]) for k in (1, 4)]
+        np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+
+    def test_a_slice_count_that_does_not_divide_the_batch_is_refused(self):
+        from diffusion_jax import config_lib
+
+        config = tiny_config(num_microbatches=5)
+        with self.assertRaisesRegex(
+            config_lib.ConfigError, r'num_microbatches: 5 does not divide .* 32 .*e\.g\. 4'
+        ):
+            config_lib.validate(config)
+
+
 @pytest.mark.slow  # each test compiles its own train step (a minute on 2 cores)
 class TrainStepTest(parameterized.TestCase):
     def test_ema_is_the_decayed_average_and_the_first_step_has_learning_rate_zero(self):

@@ -13,6 +13,7 @@ exact parameter counts of the original TensorFlow layout.
 
 import functools
 import math
+import re
 from unittest import mock
 
 import chex
@@ -363,6 +364,41 @@ class CompileTest(parameterized.TestCase):
         chex.assert_tree_all_finite(grads)
         # The output conv is near zero, but its own gradient is not.
         self.assertGreater(float(jnp.max(jnp.abs(grads['conv_out']['kernel']))), 0.0)
+
+
+class RematTest(parameterized.TestCase):
+    def test_remat_keeps_parameters_outputs_and_gradients_and_is_really_used(self):
+        remat = _TINY.clone(remat=True)
+        params = _tiny_variables()['params']
+        chex.assert_trees_all_equal(_init(remat, _TINY_X, _TINY_T, train=False)['params'], params)
+        params = _randomize(params, 3, 0.1)  # no near-zero init hides a block
+        rngs = {'dropout': _key(1)}  # dropout on: the recomputation must draw the same mask
+
+        def loss(module):
+            def fn(p):
+                out = module.apply({'params': p}, _TINY_X, _TINY_T, train=True, rngs=rngs)
+                return jnp.mean((out - _TINY_X) ** 2), out
+
+            return fn
+
+        (plain_loss, plain_out), plain_grads = _jit(jax.value_and_grad(loss(_TINY), has_aux=True))(
+            params
+        )
+        (remat_loss, remat_out), remat_grads = _jit(jax.value_and_grad(loss(remat), has_aux=True))(
+            params
+        )
+        np.testing.assert_allclose(remat_out, plain_out, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+        leaves = jax.tree.leaves(plain_grads)
+        scale = max(float(jnp.abs(g).max()) for g in leaves)
+        for got, want in zip(jax.tree.leaves(remat_grads), leaves, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+        # One remat region per residual and attention block: 9 + 3 of them here.
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss(remat)(p)[0]))(params))
+        plain = str(jax.make_jaxpr(jax.grad(lambda p: loss(_TINY)(p)[0]))(params))
+        regions = r'= (?:remat2|checkpoint)\['  # the primitive's name in older and newer JAX
+        self.assertEmpty(re.findall(regions, plain))
+        self.assertLen(re.findall(regions, jaxpr), 12)
 
 
 class DtypeTest(parameterized.TestCase):

@@ -47,6 +47,7 @@ def _model() -> ml_collections.ConfigDict:
     model.num_groups = 32  # GroupNorm groups
     model.dtype = 'float32'  # compute dtype, one of options.DTYPES
     model.param_dtype = 'float32'  # storage dtype of the parameters
+    model.remat = False  # recompute each block in the backward pass: less memory, same results
     return model
 
 
@@ -67,6 +68,9 @@ def _training() -> ml_collections.ConfigDict:
     """The loop: batch, length, logging, checkpoints and sample grids."""
     training = ml_collections.ConfigDict()
     training.batch_size = 128  # global batch, split over all devices
+    # The batch goes through the network in this many slices whose gradients are summed: one
+    # optimizer step on the whole batch in the memory of one slice. Must divide the batch.
+    training.num_microbatches = 1
     training.num_train_steps = 800_000
     training.log_every_steps = 100
     training.checkpoint_every_steps = 10_000

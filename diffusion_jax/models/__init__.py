@@ -49,4 +49,5 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(),
+        remat=m.remat,
     )

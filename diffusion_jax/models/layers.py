@@ -100,13 +100,14 @@ class ResnetBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         """Applies the block.
 
         Args:
             x: [B, H, W, C] feature map.
             temb: [B, E] timestep embedding (after the embedding MLP).
-            train: enables dropout (rng collection 'dropout').
+            train: enables dropout (rng collection 'dropout'); positional or keyword
+                (`RematResnetBlock` needs it positional, as a static argument).
 
         Returns:
             [B, H, W, out_ch] feature map.
@@ -266,3 +267,10 @@ class Upsample(nn.Module):
         if self.with_conv:
             x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x
+
+
+# The same blocks, recomputed in the backward pass instead of keeping their activations
+# (`config.model.remat`): the same parameters and numbers, less memory. In ResnetBlock's call
+# `train` (argument 3, counting self) is static: it decides whether dropout runs.
+RematResnetBlock = nn.remat(ResnetBlock, static_argnums=(3,))
+RematAttnBlock = nn.remat(AttnBlock)

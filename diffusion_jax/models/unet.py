@@ -34,6 +34,8 @@ class UNet(nn.Module):
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
             decides once; None (the default) makes every attention block use XLA's attention.
+        remat: recompute each residual and attention block in the backward pass instead of
+            storing its activations (`nn.remat`): less memory, the same parameters and outputs.
     """
 
     ch: int
@@ -47,9 +49,11 @@ class UNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
+    remat: bool = False
 
     def _resnet_block(self, out_ch: int | None, name: str) -> layers.ResnetBlock:
-        return layers.ResnetBlock(
+        cls = layers.RematResnetBlock if self.remat else layers.ResnetBlock
+        return cls(
             out_ch=out_ch,
             dropout=self.dropout,
             num_groups=self.num_groups,
@@ -59,7 +63,8 @@ class UNet(nn.Module):
         )
 
     def _attn_block(self, name: str) -> layers.AttnBlock:
-        return layers.AttnBlock(
+        cls = layers.RematAttnBlock if self.remat else layers.AttnBlock
+        return cls(
             num_groups=self.num_groups,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -101,7 +106,7 @@ class UNet(nn.Module):
         for i_level, mult in enumerate(self.ch_mult):
             for i_block in range(self.num_res_blocks):
                 block = self._resnet_block(self.ch * mult, f'down_{i_level}_block_{i_block}')
-                h = block(hs[-1], temb, train=train)
+                h = block(hs[-1], temb, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = self._attn_block(f'down_{i_level}_attn_{i_block}')(h)
                 hs.append(h)
@@ -122,7 +127,7 @@ class UNet(nn.Module):
                 block = self._resnet_block(
                     self.ch * self.ch_mult[i_level], f'up_{i_level}_block_{i_block}'
                 )
-                h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, train=train)
+                h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = self._attn_block(f'up_{i_level}_attn_{i_block}')(h)
             if i_level != 0:
@@ -154,9 +159,9 @@ class UNet(nn.Module):
         temb = self._timestep_mlp(t)
         hs = self._down_path(x, temb, train)
 
-        h = self._resnet_block(None, 'mid_block_1')(hs[-1], temb, train=train)
+        h = self._resnet_block(None, 'mid_block_1')(hs[-1], temb, train)
         h = self._attn_block('mid_attn_1')(h)
-        h = self._resnet_block(None, 'mid_block_2')(h, temb, train=train)
+        h = self._resnet_block(None, 'mid_block_2')(h, temb, train)
 
         h = self._up_path(h, hs, temb, train)
         h = nn.GroupNorm(
