@@ -60,6 +60,7 @@ SCHEMA: dict[str, Field] = {
     'data.image_size': Field(int, bounds=_POSITIVE),
     'data.num_channels': Field(int, bounds=_POSITIVE),
     'data.random_flip': Field(bool),
+    'data.loader': Field(str, choices=options.LOADERS),
     'data.train_split': Field(str, nonempty=True),
     'data.eval_split': Field(str, nonempty=True),
     'model.name': Field(str, choices=options.MODELS),

@@ -26,6 +26,7 @@ a built-in source never load it; TensorFlow and tfds come with the `tfds` extra.
 """
 
 import contextlib
+import importlib
 import itertools
 import os
 import warnings
@@ -35,7 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import errors, image_io
+from diffusion_jax import errors, image_io, random_access
 
 BUILTIN_SOURCES = ('digits', 'folder', 'npz')
 DIGITS_NUM_TEST = 297  # the last 297 digits are the held-out 'test' split
@@ -289,37 +290,26 @@ def train_iterator(
     )
     if seed < 0 or start_step < 0:
         raise ValueError(f'seed={seed} and start_step={start_step} must be >= 0')
-    if data_config.dataset not in BUILTIN_SOURCES:
-        return _tfds_train(data_config, local, seed, start_step, process_index, process_count)
-    images = load_images(data_config, data_config.train_split)
     offset = process_index * local
-    return _numpy_train(images, global_batch_size, local, offset, seed, start_step, data_config)
+    if data_config.dataset in BUILTIN_SOURCES:
+        _builtin_loader(data_config)
+        images = load_images(data_config, data_config.train_split)
+        return _numpy_train(images, global_batch_size, local, offset, seed, start_step, data_config)
+    if _tfds_loader(data_config) == 'tfdata':
+        return _tfds_train(data_config, local, seed, start_step, process_index, process_count)
+    source, decode = _tfds_source(data_config, data_config.train_split)
+    indices = random_access.StreamIndices(len(source), global_batch_size, local, offset, seed)
+    return random_access.grain_batches(
+        source, indices, start_step, decode, random_flip=data_config.random_flip
+    )
 
 
 def _numpy_train(images, batch, local, offset, seed, start_step, data_config):
     """Yields the slice [offset, offset + local) of every global batch of the stateless stream."""
-    n = len(images)
-    permutations = {}  # epoch -> permutation; a global batch touches few epochs
-
-    def permutation(epoch: int) -> np.ndarray:
-        if epoch not in permutations:
-            if len(permutations) > 2:
-                del permutations[min(permutations)]
-            permutations[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        return permutations[epoch]
-
+    indices = random_access.StreamIndices(len(images), batch, local, offset, seed)
     for step in itertools.count(start_step):
-        epochs, positions = np.divmod(step * batch + offset + np.arange(local), n)
-        indices = np.empty(local, np.int64)
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            indices[mask] = permutation(int(epoch))[positions[mask]]
-        x = images[indices]  # [local, S, S, C] uint8
-        if data_config.random_flip:
-            # One coin per position of the global batch, so flips do not depend on process_count.
-            flip = np.random.default_rng([seed, step, 1]).random(batch)[offset : offset + local]
-            x = np.where(flip[:, None, None, None] < 0.5, x[:, :, ::-1], x)
-        yield {'image': to_float(x)}
+        flips = indices.flips(step) if data_config.random_flip else None
+        yield random_access.assemble(images[indices(step)], flips)  # [local, S, S, C]
 
 
 def eval_iterator(
@@ -352,24 +342,105 @@ def eval_iterator(
     share = None
     if num_examples is not None:
         share = num_examples // process_count + (process_index < num_examples % process_count)
-    if data_config.dataset not in BUILTIN_SOURCES:
+    if data_config.dataset in BUILTIN_SOURCES:
+        _builtin_loader(data_config)
+        images = load_images(data_config, data_config.eval_split)
+        read = images.__getitem__
+    elif _tfds_loader(data_config) == 'tfdata':
         return _tfds_eval(data_config, local, process_index, process_count, share)
-    images = load_images(data_config, data_config.eval_split)
+    else:
+        images, decode = _tfds_source(data_config, data_config.eval_split)
+
+        def read(rows: slice) -> np.ndarray:
+            return np.stack([decode(images[i]) for i in range(rows.start, rows.stop)])
+
     n = len(images)
     start = process_index * (n // process_count) + min(process_index, n % process_count)
     stop = start + n // process_count + (process_index < n % process_count)
     if share is not None:
         stop = min(stop, start + share)
-    return (
-        {'image': to_float(images[i : min(i + local, stop)])} for i in range(start, stop, local)
+    rows = (slice(i, min(i + local, stop)) for i in range(start, stop, local))
+    return ({'image': to_float(read(part))} for part in rows)
+
+
+def _builtin_loader(data_config: ml_collections.ConfigDict) -> None:
+    """Refuses data.loader 'tfdata' for the in-memory sources, which tf.data does not read."""
+    if data_config.loader == 'tfdata':
+        raise DatasetError(
+            f"data.loader 'tfdata' reads tensorflow-datasets datasets; {data_config.dataset!r} "
+            'is read in memory: use --config.data.loader=auto'
+        )
+
+
+def _tfds_loader(data_config: ml_collections.ConfigDict) -> str:
+    """'grain' or 'tfdata' for a tfds dataset: `data.loader`, or for 'auto' its file format.
+
+    'auto' reads ArrayRecord datasets (random access) with grain when grain is installed, and
+    TFRecord datasets (sequential only) with tf.data.
+    """
+    if data_config.loader != 'auto':
+        return data_config.loader
+    builder = _tfds_builder(data_config, tensorflow=False)
+    if str(builder.info.file_format).lower().endswith('array_record'):
+        try:
+            import grain  # noqa: F401
+
+            return 'grain'
+        except ImportError:
+            logging.warning('grain is not installed: reading the ArrayRecord data with tf.data')
+    return 'tfdata'
+
+
+def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
+    """(random-access source of `split`, record -> uint8 [S, S, C]) over a tfds ArrayRecord set."""
+    builder = _tfds_builder(data_config, tensorflow=False)
+    import tensorflow_datasets as tfds
+
+    if not str(builder.info.file_format).lower().endswith('array_record'):
+        raise DatasetError(
+            f"data.loader 'grain' needs random access, but tfds dataset {data_config.dataset!r} "
+            f'is stored as {builder.info.file_format}: prepare it as ArrayRecord (tfds build '
+            f'{data_config.dataset} --file_format=array_record, see launch/README.md) or use '
+            '--config.data.loader=tfdata'
+        )
+    try:
+        source = tfds.data_source(data_config.dataset, split=split, data_dir=data_config.data_dir)
+    except (ValueError, KeyError) as e:
+        raise DatasetError(
+            f'tfds dataset {data_config.dataset!r} cannot read split {split!r} ({e}); its '
+            f'splits are {sorted(builder.info.splits)}'
+        ) from None
+    size = data_config.image_size
+    return source, lambda record: _square(record['image'], size)
+
+
+def _square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [size, size, C]: center square crop, bicubic resize (Pillow)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    square = image[top : top + s, left : left + s]
+    if s == size:
+        return square
+    grey = square.shape[-1] == 1
+    resized = Image.fromarray(square[..., 0] if grey else square).resize(
+        (size, size), Image.Resampling.BICUBIC
     )
+    out = np.asarray(resized, np.uint8)
+    return out[..., None] if grey else out
 
 
-def _tfds_builder(data_config: ml_collections.ConfigDict):
-    """tfds.builder for data_config.dataset, with DatasetError for unknown names."""
+def _tfds_builder(data_config: ml_collections.ConfigDict, *, tensorflow: bool = True):
+    """tfds.builder for data_config.dataset, with DatasetError for unknown names.
+
+    `tensorflow=False` (the grain reader's) needs tensorflow-datasets only, not TensorFlow.
+    """
     try:  # lazy: the package must not load TF
-        import tensorflow as tf
         import tensorflow_datasets as tfds
+
+        tf = importlib.import_module('tensorflow') if tensorflow else None
     except ImportError as e:
         raise DatasetError(
             f'dataset {data_config.dataset!r} is read with tensorflow-datasets, which is not '
@@ -379,8 +450,9 @@ def _tfds_builder(data_config: ml_collections.ConfigDict):
         ) from None
 
     # Keep TF off the accelerators (JAX owns them); RuntimeError: TF's devices already set up.
-    with contextlib.suppress(RuntimeError):
-        tf.config.set_visible_devices([], 'GPU')
+    if tf is not None:
+        with contextlib.suppress(RuntimeError):
+            tf.config.set_visible_devices([], 'GPU')
     name = data_config.dataset
     try:
         builder = tfds.builder(name, data_dir=data_config.data_dir)

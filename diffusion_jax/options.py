@@ -17,6 +17,7 @@ LEARNED_VAR_TYPES = ('learned', 'learned_range')
 LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
 OPTIMIZERS = ('adam', 'adamw')
 SAMPLERS = ('ancestral', 'ddim')
+LOADERS = ('auto', 'grain', 'tfdata')
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

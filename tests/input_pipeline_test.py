@@ -4,6 +4,7 @@ Expected values come from the raw data (scikit-learn's digits, fixtures written 
 the pipeline itself. tfds paths run offline under `tfds.testing.mock_data`.
 """
 
+import functools
 import io
 import os
 import shutil
@@ -35,6 +36,7 @@ def make_data_config(**overrides) -> ml_collections.ConfigDict:
             'image_size': 8,
             'num_channels': 1,
             'random_flip': False,
+            'loader': 'auto',
             'train_split': 'train',
             'eval_split': 'test',
         }
@@ -388,12 +390,9 @@ class FolderTest(absltest.TestCase):
             input_pipeline.load_images(self.config, 'train')
 
 
-def prepare_tiny_tfds_dataset(data_dir: str) -> str:
-    """Writes a real 4-shard TFRecord dataset 'tiny_indexed_images' (no download involved).
-
-    Image i of split 'train' (40 images) or 'test' (10) is 4x4x1 with value i, except pixel
-    [0, -1] = 200: a marker that shows whether the image was mirrored.
-    """
+@functools.cache
+def _tiny_indexed_images():
+    """The builder class of 'tiny_indexed_images', defined (and registered with tfds) once."""
     import tensorflow_datasets as tfds
 
     class TinyIndexedImages(tfds.core.GeneratorBasedBuilder):
@@ -415,9 +414,22 @@ def prepare_tiny_tfds_dataset(data_dir: str) -> str:
                 image[0, -1] = 200
                 yield i, {'image': image}
 
+    return TinyIndexedImages
+
+
+def prepare_tiny_tfds_dataset(data_dir: str, file_format: str = 'tfrecord') -> str:
+    """Writes a real 4-shard dataset 'tiny_indexed_images' (no download involved).
+
+    `file_format` is tfds' 'tfrecord' (sequential reads) or 'array_record' (random access).
+    Image i of split 'train' (40 images) or 'test' (10) is 4x4x1 with value i, except pixel
+    [0, -1] = 200: a marker that shows whether the image was mirrored.
+    """
+    import tensorflow_datasets as tfds
+
     tfds.disable_progress_bar()
     config = tfds.download.DownloadConfig(num_shards=4, try_download_gcs=False)
-    TinyIndexedImages(data_dir=data_dir).download_and_prepare(download_config=config)
+    builder = _tiny_indexed_images()(data_dir=data_dir, file_format=file_format)
+    builder.download_and_prepare(download_config=config)
     return 'tiny_indexed_images'
 
 
@@ -426,6 +438,136 @@ def marked_indices(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     u = to_uint8(batch)[..., 0]
     flipped = u[:, 0, 0] == 200
     return np.where(flipped, u[:, 0, -1], u[:, 0, 0]), flipped
+
+
+class CountingSource:
+    """A random-access source that counts the records read from it."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.source[i]
+
+
+@pytest.mark.slow  # builds tfds datasets
+class GrainTest(absltest.TestCase):
+    """The grain reader over a real ArrayRecord dataset (tfds.data_source), TensorFlow-free."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        import tensorflow_datasets as tfds
+
+        cls.data_dir = tempfile.mkdtemp()
+        cls.tfrecord_dir = tempfile.mkdtemp()
+        cls.name = prepare_tiny_tfds_dataset(cls.data_dir, 'array_record')
+        prepare_tiny_tfds_dataset(cls.tfrecord_dir)
+        source = tfds.data_source(cls.name, split='train', data_dir=cls.data_dir)
+        # The value of record j of the source (tfds stores examples in its own order).
+        cls.value = np.array([source[j]['image'][1, 1, 0] for j in range(len(source))])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.data_dir, ignore_errors=True)
+        shutil.rmtree(cls.tfrecord_dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def tiny(self, **overrides) -> ml_collections.ConfigDict:
+        kwargs = {'dataset': self.name, 'data_dir': self.data_dir, 'image_size': 4}
+        return make_data_config(**{**kwargs, 'loader': 'grain', **overrides})
+
+    def expected(self, step: int, batch: int, seed: int) -> np.ndarray:
+        """Values of global batch `step`, by the stream rule written out here."""
+        epochs, within = np.divmod(step * batch + np.arange(batch), len(self.value))
+        return np.array(
+            [
+                self.value[np.random.default_rng([seed, e]).permutation(len(self.value))[w]]
+                for e, w in zip(epochs, within, strict=True)
+            ]
+        )
+
+    def test_batches_follow_the_stream_rule_resume_exactly_and_split_over_hosts(self):
+        config = self.tiny(random_flip=True)
+        fresh = take(input_pipeline.train_iterator(config, global_batch_size=10, seed=3), 6)
+        resumed = take(
+            input_pipeline.train_iterator(config, global_batch_size=10, seed=3, start_step=4), 2
+        )
+        for step, batch in enumerate(fresh):
+            values, flipped = marked_indices(batch)
+            np.testing.assert_array_equal(values, self.expected(step, 10, 3))
+            coins = np.random.default_rng([3, step, 1]).random(10) < 0.5
+            np.testing.assert_array_equal(flipped, coins)
+        for a, b in zip(fresh[4:], resumed, strict=True):
+            np.testing.assert_array_equal(a, b)
+        halves = [
+            take(
+                input_pipeline.train_iterator(
+                    config, global_batch_size=10, seed=3, process_index=p, process_count=2
+                ),
+                6,
+            )
+            for p in range(2)
+        ]
+        for step in range(6):
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step], halves[1][step]]), fresh[step]
+            )
+
+    def test_resuming_at_step_1e6_reads_only_that_steps_records(self):
+        import tensorflow_datasets as tfds
+
+        from diffusion_jax import random_access
+
+        source = CountingSource(tfds.data_source(self.name, split='train', data_dir=self.data_dir))
+
+        def decode(record):
+            return record['image']
+
+        for step in (10, 10**6):
+            source.reads = 0
+            indices = random_access.StreamIndices(len(source), 10, 5, 5, seed=0)
+            batch = random_access.read_step(source, indices, step, decode, random_flip=False)
+            self.assertEqual(source.reads, 5)  # this host's 5 rows, at either step
+            self.assertLen(indices._permutations, 1)  # one epoch's order computed, no replay
+            values, _ = marked_indices(batch['image'])
+            np.testing.assert_array_equal(values, self.expected(step, 10, 0)[5:])
+
+    def test_eval_is_one_ordered_pass_over_the_source(self):
+        config = self.tiny(eval_split='train')
+        batches = list(input_pipeline.eval_iterator(config, batch_size=16))
+        self.assertEqual([len(b['image']) for b in batches], [16, 16, 8])
+        values, flipped = marked_indices(np.concatenate([b['image'] for b in batches]))
+        np.testing.assert_array_equal(values, self.value)
+        self.assertFalse(flipped.any())
+
+    def test_auto_reads_array_record_with_grain_and_tfrecord_with_tf_data(self):
+        self.assertEqual(input_pipeline._tfds_loader(self.tiny(loader='auto')), 'grain')
+        tfrecord = self.tiny(loader='auto', data_dir=self.tfrecord_dir)
+        self.assertEqual(input_pipeline._tfds_loader(tfrecord), 'tfdata')
+        a = take(input_pipeline.train_iterator(self.tiny(), global_batch_size=10, seed=0), 2)
+        b = take(
+            input_pipeline.train_iterator(self.tiny(loader='auto'), global_batch_size=10, seed=0),
+            2,
+        )
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+    def test_grain_on_tfrecord_data_is_refused_with_the_fix(self):
+        config = self.tiny(data_dir=self.tfrecord_dir)
+        with self.assertRaisesRegex(
+            input_pipeline.DatasetError, r'--file_format=array_record.*loader=tfdata'
+        ):
+            input_pipeline.train_iterator(config, global_batch_size=10, seed=0)
+
+    def test_tfdata_for_a_builtin_source_is_refused(self):
+        config = make_data_config(loader='tfdata')
+        with self.assertRaisesRegex(input_pipeline.DatasetError, 'read in memory'):
+            input_pipeline.train_iterator(config, global_batch_size=10, seed=0)
 
 
 @pytest.mark.slow  # imports TensorFlow and builds mock tfds datasets

@@ -142,6 +142,25 @@ class TensorFlowFreeTest(absltest.TestCase):
                 self.assertEqual(result['code'], 0, (dataset, result['stderr'][-3000:]))
                 self.assertEqual(result['loaded'], [], dataset)
 
+    def test_training_on_array_record_data_with_grain_loads_no_tensorflow(self):
+        from input_pipeline_test import prepare_tiny_tfds_dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            name = prepare_tiny_tfds_dataset(tmp, 'array_record')  # TF writes it, here
+            result = run_main(
+                '--config=configs/digits.py',
+                f'--workdir={os.path.join(tmp, "run")}',
+                f'--config.data.dataset={name}',
+                f'--config.data.data_dir={tmp}',
+                '--config.data.image_size=4',
+                '--config.data.loader=auto',  # ArrayRecord: auto picks grain
+                *_TINY,
+                '--config.training.sample_every_steps=0',
+            )
+        self.assertEqual(result['code'], 0, result['stderr'][-3000:])
+        self.assertIn('tensorflow_datasets', result['loaded'])  # the check sees tfds...
+        self.assertNotIn('tensorflow', [m.split('.')[0] for m in result['loaded']])  # ...not TF
+
 
 if __name__ == '__main__':
     absltest.main()

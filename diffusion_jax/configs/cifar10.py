@@ -29,6 +29,10 @@ def _data() -> ml_collections.ConfigDict:
     data.image_size = 32  # height = width in pixels
     data.num_channels = 3
     data.random_flip = True  # random horizontal flips during training
+    # How tfds datasets are read, one of options.LOADERS: 'grain' (random access to ArrayRecord
+    # files: resuming costs the same at any step), 'tfdata' (TFRecord files) or 'auto' (grain
+    # for ArrayRecord, tf.data otherwise). The built-in sources are read in memory.
+    data.loader = 'auto'
     data.train_split = 'train'
     data.eval_split = 'test'
     return data
