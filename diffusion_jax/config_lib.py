@@ -91,6 +91,9 @@ SCHEMA: dict[str, Field] = {
     'training.seed': Field(int),
     'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
     'training.allow_config_change': Field(bool),
+    'training.eval_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
+    'training.eval_num_samples': Field(int, bounds='[2, inf)'),
+    'training.best_metric': Field(str, choices=options.BEST_METRICS),  # _check_training_eval
     'optim.optimizer': Field(str, choices=options.OPTIMIZERS),
     'optim.learning_rate': Field(float, bounds='(0, inf)'),
     'optim.warmup_steps': Field(int, bounds=_NON_NEGATIVE),
@@ -375,8 +378,27 @@ def _check_microbatches(v: dict[str, Any]) -> Iterator[str]:
         yield _line('training.num_microbatches', what, f'use a divisor of it, e.g. {nearest}')
 
 
+def _check_training_eval(v: dict[str, Any]) -> Iterator[str]:
+    every, metric = v.get('training.eval_every_steps'), v.get('training.best_metric')
+    digits, weights = v.get('data.dataset') == 'digits', v.get('eval.inception_weights')
+    if every and not digits and not weights:
+        what = f'{every} but there is nothing to score: FID/IS need Inception weights'
+        fix = 'pass --config.eval.inception_weights=FILE, or 0 to turn it off'
+        yield _line('training.eval_every_steps', what, fix)
+    if metric and not every:
+        what = f'{metric!r} needs evaluation during training'
+        yield _line('training.best_metric', what, 'set training.eval_every_steps > 0')
+    if metric in ('fid', 'inception_score') and not weights:
+        what = f'{metric!r} needs Inception weights'
+        yield _line('training.best_metric', what, 'pass --config.eval.inception_weights=FILE')
+    if metric in ('digits_fd', 'digits_is') and 'data.dataset' in v and not digits:
+        what = f'{metric!r} is measured on the digits dataset only'
+        yield _line('training.best_metric', what, "use 'fid' or 'inception_score'")
+
+
 _CROSS_CHECKS = (
     _check_interpolate,
+    _check_training_eval,
     _check_microbatches,
     _check_data_path,
     _check_resolutions,

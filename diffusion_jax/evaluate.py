@@ -86,7 +86,7 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
     }
 
 
-def _digits(samples: np.ndarray) -> dict[str, Any]:
+def digits_scores(samples: np.ndarray) -> dict[str, Any]:
     from diffusion_jax.evaluation import digits
 
     classifier = digits.get_classifier()
@@ -205,7 +205,7 @@ def _reference_exists(config) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
 
 
-def _check_reference(config) -> None:
+def check_reference(config) -> None:
     """Refuses early (before sampling) when FID would need missing reference statistics."""
     if not config.eval.compute_reference and not _reference_exists(config):
         raise EvalError(
@@ -233,7 +233,7 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
                 f'cannot read the FID reference statistics {path} ({e}); move it away and pass '
                 '--config.eval.compute_reference=True to compute them again'
             ) from None
-    _check_reference(config)
+    check_reference(config)
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.eval_split = config.eval.reference_split
     batches = input_pipeline.eval_iterator(
@@ -250,7 +250,7 @@ def _reference(config, feature_fn, mesh, batch_size: int) -> tuple[np.ndarray, n
     return stats.mean, stats.covariance
 
 
-def _load_inception(config) -> dict[str, Any] | None:
+def load_inception(config) -> dict[str, Any] | None:
     """The FID Inception parameters; None when `config.eval.inception_weights` is unset."""
     if not config.eval.inception_weights:
         return None
@@ -262,7 +262,7 @@ def _load_inception(config) -> dict[str, Any] | None:
         raise EvalError(str(e)) from e
 
 
-def _fid_is(config, mesh: Mesh, streamed: StreamingFidIs | None) -> dict[str, Any]:
+def fid_is(config, mesh: Mesh, streamed: StreamingFidIs | None) -> dict[str, Any]:
     """FID against the reference split and IS of the streamed samples, or 'skipped'.
 
     Every process takes part (the reference statistics may need computing); the returned
@@ -318,8 +318,8 @@ def _samples(config, workdir, mesh, sampler, step, inception_params) -> dict[str
     metrics: dict[str, Any] = {'num_samples': num_samples}
     if config.data.dataset == 'digits' and lead.LeadWriter().is_lead:
         # 64 bytes an image: the digits classifier reads the whole file on process 0.
-        metrics.update(_digits(image_io.load_npz_rows(path, 'images')))
-    metrics.update(_fid_is(config, mesh, streamed))
+        metrics.update(digits_scores(image_io.load_npz_rows(path, 'images')))
+    metrics.update(fid_is(config, mesh, streamed))
     return metrics
 
 
@@ -335,9 +335,9 @@ def run_eval_mode(
         workdir, config, mesh=mesh, step=config.sampling.checkpoint_step
     )
     # Refuse bad Inception weights or missing reference statistics before hours of sampling.
-    inception_params = _load_inception(config) if config.eval.num_samples else None
+    inception_params = load_inception(config) if config.eval.num_samples else None
     if inception_params is not None:
-        _check_reference(config)
+        check_reference(config)
     eval_dir = os.path.join(workdir, 'eval')
     metrics: dict[str, Any] = {'checkpoint_step': step}
     if config.eval.bpd:

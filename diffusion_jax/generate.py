@@ -270,7 +270,7 @@ OnBatch = Callable[[jax.Array | np.ndarray, int, int], None]
 
 
 @jax.jit
-def _to_uint8(images: jax.Array) -> jax.Array:
+def to_uint8(images: jax.Array) -> jax.Array:
     """`image_io.to_uint8` on the devices, keeping the sharding: [B, H, W, C] -> uint8."""
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
@@ -360,7 +360,7 @@ def generate_to_npz(
     ) as bar:
         for start in range(done, num_samples, batch_size):
             end = min(start + batch_size, num_samples)
-            images = _to_uint8(sample_fn(params, rng, start))
+            images = to_uint8(sample_fn(params, rng, start))
             shard = os.path.join(shard_dir, f'images_{start:08d}_{end:08d}.npz')
             writer.npz(shard, images=parallel.to_host(images)[: end - start])
             if on_batch is not None:

@@ -18,6 +18,9 @@ LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
 OPTIMIZERS = ('adam', 'adamw')
 SAMPLERS = ('ancestral', 'ddim')
 LOADERS = ('auto', 'grain', 'tfdata')
+# What training may keep its best checkpoint by ('' keeps none): Inception's FID and IS, or the
+# digits classifier's FD and IS (digits only).
+BEST_METRICS = ('', 'digits_fd', 'digits_is', 'fid', 'inception_score')
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

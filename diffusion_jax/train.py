@@ -33,6 +33,7 @@ from diffusion_jax import (
     preemption,
     sampling,
     summary,
+    train_eval,
     workdir_lock,
 )
 from diffusion_jax import diffusion as diffusion_lib
@@ -368,6 +369,7 @@ class _Run:
     sample_fn: sampling.SampleFn | None
     sample_rng: jax.Array
     last_saved: int
+    evaluator: train_eval.Evaluator | None = None
     config_written: bool = False
 
     def write_config(self) -> None:
@@ -396,6 +398,10 @@ class _Run:
             self.last_saved = done
         if self.sample_fn and done % training.sample_every_steps == 0:
             self.write_samples(done, state)
+        if self.evaluator is not None and self.evaluator.due(done):
+            scores = self.evaluator(done, state)
+            if self.events is not None:
+                self.events.write_scalars(done, {f'eval/{k}': v for k, v in scores.items()})
 
     def finish(self, state) -> None:
         """Saves the last step unless it is saved; draws the final grid unless it is drawn."""
@@ -461,6 +467,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     run = _Run(config, workdir, ckpt, files, files.summary(workdir), progress,
                _grid_sampler(exp, mesh), sample_rng, last_saved=start_step)  # fmt: skip
     try:
+        if training.eval_every_steps:
+            run.evaluator = train_eval.Evaluator(exp, mesh, workdir)
         with preemption.PreemptionGuard() as guard:
             nonfinite = _NonFiniteSteps(training.max_nonfinite_steps)
             for step in range(start_step, training.num_train_steps):
@@ -476,6 +484,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
         progress.close()
         if run.events is not None:
             run.events.close()
+        if run.evaluator is not None:
+            run.evaluator.close()
         ckpt.close()
     logging.info('finished at step %d; workdir %s', int(state.step), workdir)
     return state

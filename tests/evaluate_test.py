@@ -127,10 +127,10 @@ class FidTest(parameterized.TestCase):
             config.eval.inception_weights = weights
             config.eval.batch_size = 4
             with self.assertRaisesRegex(evaluate.EvalError, 'inception_sha256'):
-                evaluate._load_inception(config)  # not converted from the official file
+                evaluate.load_inception(config)  # not converted from the official file
             config.eval.inception_sha256 = ''
             with self.assertLogs(level='WARNING') as logs:
-                loaded = evaluate._load_inception(config)
+                loaded = evaluate.load_inception(config)
             self.assertIn('will not be comparable', logs.output[0])
             mesh = parallel.create_mesh()
             feature_fn = inception.make_feature_fn(loaded, mesh=mesh)
@@ -159,13 +159,13 @@ class FidTest(parameterized.TestCase):
                 streamed_run()
             streamed = streamed_run()  # images 0-3 replayed from the shard, image 4 drawn
             with self.assertRaisesRegex(evaluate.EvalError, 'compute_reference=True'):
-                evaluate._fid_is(config, mesh, streamed)
+                evaluate.fid_is(config, mesh, streamed)
             config.eval.compute_reference = True
-            got = evaluate._fid_is(config, mesh, streamed)
+            got = evaluate.fid_is(config, mesh, streamed)
             cached = evaluate.reference_stats_path(config)
             self.assertEqual(os.path.dirname(cached), tmp)  # next to the data
             mtime = os.path.getmtime(cached)
-            self.assertEqual(evaluate._fid_is(config, mesh, streamed), got)  # reads the cache
+            self.assertEqual(evaluate.fid_is(config, mesh, streamed), got)  # reads the cache
             self.assertEqual(os.path.getmtime(cached), mtime)
 
             # The whole sets at once: the same network (it defines the metric; chunks of 4 are
@@ -194,13 +194,13 @@ class FidTest(parameterized.TestCase):
         config = tiny_config()
         config.eval.inception_weights = '/nonexistent/inception.npz'
         with self.assertRaisesRegex(evaluate.EvalError, 'no Inception weights file.*convert_'):
-            evaluate._load_inception(config)
+            evaluate.load_inception(config)
 
     def test_no_weights_setting_skips_fid_with_the_way_to_get_it(self):
         config = tiny_config()
-        self.assertIsNone(evaluate._load_inception(config))
+        self.assertIsNone(evaluate.load_inception(config))
         with self.assertLogs(level='WARNING') as logs:
-            got = evaluate._fid_is(config, parallel.create_mesh(), None)
+            got = evaluate.fid_is(config, parallel.create_mesh(), None)
         self.assertEqual(got, {'fid': 'skipped', 'inception_score': 'skipped'})
         self.assertIn('convert_inception', logs.output[0])
 

@@ -110,7 +110,7 @@ _FID_WORKER = textwrap.dedent("""
     print(f'traced peak host memory {peak} bytes for {NUM * np.prod(SHAPE)} bytes of samples')
     result = {'peak': peak, 'count': streamed.stats.count, 'is': streamed.scores.result()}
     result['sample_mu'], result['sample_sigma'] = streamed.stats.mean, streamed.stats.covariance
-    crops = np.asarray(parallel.to_host(generate._to_uint8(sampler(0))))[:, :4, :4]
+    crops = np.asarray(parallel.to_host(generate.to_uint8(sampler(0))))[:, :4, :4]
     # Process 0 has three chunks (4, 4 and 1 rows), process 1 one chunk of 2 rows.
     uneven = [crops[:4], crops[4:8], crops[8:9]] if int(pid) == 0 else [crops[9:11]]
     stats = fid.RunningStats()

@@ -83,6 +83,15 @@ def _training() -> ml_collections.ConfigDict:
     training.seed = 0
     training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
     training.allow_config_change = False  # resume although model/diffusion/image shape changed
+    # Evaluation during training (0: off): every N steps, eval_num_samples images from the EMA
+    # parameters with the sampler of config.sampling (set sampler='ddim', num_steps=50 for
+    # speed), scored with FID/IS (needs config.eval.inception_weights) or, on digits, the digits
+    # classifier's IS/FD, logged to TensorBoard as eval/<metric>.
+    training.eval_every_steps = 0
+    training.eval_num_samples = 1000
+    training.best_metric = (
+        ''  # keep the best checkpoint by this, in WORKDIR/best (options.BEST_METRICS)
+    )
     return training
 
 
