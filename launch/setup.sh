@@ -14,7 +14,7 @@ On every worker of the TPU VM at once (--worker=all):
   2. replaces ~/$REMOTE_DIR (default ~/diffusion_jax) with its contents;
   3. makes the venv ~/$REMOTE_DIR-venv with Python $PYTHON_VERSION (default 3.12) through uv,
      once (the TPU images' own Python, 3.10, is too old), and runs
-     `uv pip install -e ".[tpu,tfds]"` there. The workers need internet access (the default).
+     `uv pip install -e ".[tpu,tfds,grain]"` there. The workers need internet access (the default).
 Run it again after each commit you want on the TPU (not while a job runs); it keeps the venv.
 --dry-run prints the commands instead of running them. Flags override the environment
 variables TPU_NAME, ZONE and PROJECT.
@@ -52,7 +52,7 @@ remote=(
   "cd ~/$REMOTE_DIR"
   "PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --no-warn-script-location uv"
   "[ -x $venv/bin/python ] || python3 -m uv venv -q --python $PYTHON_VERSION $venv"
-  "python3 -m uv pip install -q --python $venv/bin/python -e \".[tpu,tfds]\""
+  "python3 -m uv pip install -q --python $venv/bin/python -e \".[tpu,tfds,grain]\""
 )
 remote_command=$(printf '%s; ' "${remote[@]}")
 

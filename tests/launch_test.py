@@ -199,7 +199,7 @@ class DryRunTest(parameterized.TestCase):
         self.assertIn('tar -xzf ~/diffusion_jax.tar.gz -C ~/diffusion_jax;', remote)
         self.assertIn('--python 3.12 ~/diffusion_jax-venv', remote)
         self.assertIn(
-            'pip install -q --python ~/diffusion_jax-venv/bin/python -e ".[tpu,tfds]"', remote
+            'pip install -q --python ~/diffusion_jax-venv/bin/python -e ".[tpu,tfds,grain]"', remote
         )
 
     def test_the_tarball_setup_packs_holds_the_package(self):
