@@ -32,10 +32,19 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 @flax.struct.dataclass
 class GaussianDiffusion:
-    """Precomputed [T] float32 tables of a diffusion process plus its static options."""
+    """Precomputed [T] float32 tables of a diffusion process plus its static options.
+
+    Every table is computed in float64 from the float64 betas and cast to float32 once.
+    `betas_residual` is what that cast lost of each beta (beta - float32(beta), in float32), so
+    `float64(betas) + float64(betas_residual)` gives the float64 betas back to ~1e-14 relative:
+    a respaced process (`sampling.respace`) is derived from them, not from the float32 copy.
+    Both are ordinary leaves: one traced program serves every schedule.
+    """
 
     betas: jax.Array
+    betas_residual: jax.Array
     alphas_cumprod: jax.Array
+    one_minus_alphas_cumprod: jax.Array
     alphas_cumprod_prev: jax.Array
     sqrt_alphas_cumprod: jax.Array
     sqrt_one_minus_alphas_cumprod: jax.Array
@@ -86,7 +95,9 @@ class GaussianDiffusion:
         with np.errstate(divide='ignore'):  # jsd has alpha_bar = 0 at the last step
             tables = dict(
                 betas=betas,
+                betas_residual=betas - betas.astype(np.float32).astype(np.float64),
                 alphas_cumprod=alphas_cumprod,
+                one_minus_alphas_cumprod=1.0 - alphas_cumprod,
                 alphas_cumprod_prev=alphas_cumprod_prev,
                 sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
                 sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
@@ -109,6 +120,10 @@ class GaussianDiffusion:
             model_var_type=model_var_type,
             loss_type=loss_type,
         )
+
+    def betas_float64(self) -> np.ndarray:
+        """[T] float64: the betas this diffusion was built from (to ~1e-14 relative)."""
+        return np.asarray(self.betas, np.float64) + np.asarray(self.betas_residual, np.float64)
 
 
 def _extract(table: jax.Array, t: jax.Array, x_shape: tuple[int, ...]) -> jax.Array:
@@ -139,7 +154,7 @@ def q_mean_variance(
       (mean [B, H, W, C], variance [B, 1, 1, 1], log_variance [B, 1, 1, 1]).
     """
     mean = _extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-    variance = _extract(1.0 - d.alphas_cumprod, t, x_start.shape)
+    variance = _extract(d.one_minus_alphas_cumprod, t, x_start.shape)  # float64, then cast
     log_variance = _extract(d.log_one_minus_alphas_cumprod, t, x_start.shape)
     return mean, variance, log_variance
 

@@ -50,8 +50,11 @@ def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 def respace(
     d: diffusion_lib.GaussianDiffusion, timesteps: np.ndarray
 ) -> diffusion_lib.GaussianDiffusion:
-    """The diffusion restricted to `timesteps`: beta_i = 1 - abar[tau_i] / abar[tau_{i-1}]."""
-    alpha_bar = np.cumprod(1.0 - np.asarray(d.betas, np.float64))[timesteps]
+    """The diffusion restricted to `timesteps`: beta_i = 1 - abar[tau_i] / abar[tau_{i-1}].
+
+    alpha_bar comes from the float64 betas `d` was built from, not from its float32 tables.
+    """
+    alpha_bar = np.cumprod(1.0 - d.betas_float64())[timesteps]
     betas = 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
     return diffusion_lib.GaussianDiffusion.create(
         betas, d.model_mean_type, d.model_var_type, d.loss_type

@@ -104,6 +104,17 @@ class TablesTest(parameterized.TestCase):
                 float(d.posterior_variance[t]), REF.posterior(0.0, 0.0, t)[1], delta=1e-9
             )
 
+    @parameterized.parameters('cosine', 'linear')
+    def test_forward_variance_is_one_minus_alpha_bar_computed_in_float64(self, schedule):
+        # At t=0, 1 - alpha_bar is beta_0 (1e-4 linear, 4e-5 cosine): subtracting a float32
+        # alpha_bar from 1 leaves only a few significant bits of it.
+        betas = schedules.get_beta_schedule(schedule, 1000)
+        d = diffusion_lib.GaussianDiffusion.create(betas)
+        t = jnp.asarray([0, 1, 10, 999])
+        _, variance, _ = diffusion_lib.q_mean_variance(d, jnp.zeros((4, 2, 2, 1)), t)
+        want = 1.0 - np.cumprod(1.0 - betas)[np.asarray(t)]  # float64
+        np.testing.assert_allclose(np.asarray(variance).reshape(-1), want, rtol=2e-7)
+
     def test_posterior_variance_is_zero_at_t0_and_its_log_is_clipped_to_t1(self):
         d = _make()
         self.assertEqual(float(d.posterior_variance[0]), 0.0)
