@@ -46,6 +46,7 @@ class GaussianDiffusion:
     alphas_cumprod: jax.Array
     one_minus_alphas_cumprod: jax.Array
     alphas_cumprod_prev: jax.Array
+    alphas_cumprod_next: jax.Array
     sqrt_alphas_cumprod: jax.Array
     sqrt_one_minus_alphas_cumprod: jax.Array
     log_one_minus_alphas_cumprod: jax.Array
@@ -99,6 +100,7 @@ class GaussianDiffusion:
                 alphas_cumprod=alphas_cumprod,
                 one_minus_alphas_cumprod=1.0 - alphas_cumprod,
                 alphas_cumprod_prev=alphas_cumprod_prev,
+                alphas_cumprod_next=np.append(alphas_cumprod[1:], 0.0),
                 sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
                 sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
                 log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
@@ -366,6 +368,37 @@ def ddim_step(
     sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
     mean = jnp.sqrt(abar_prev) * pred_xstart + jnp.sqrt(1 - abar_prev - sigma**2) * eps
     return mean + sigma * noise, pred_xstart
+
+
+def ddim_reverse_step(
+    d: GaussianDiffusion,
+    model_output: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    *,
+    clip_denoised: bool,
+) -> jax.Array:
+    """One deterministic DDIM encoding step (eta = 0, Song et al. 2021 section 4.3): x_t to x_{t+1}.
+
+    x_{t+1} = sqrt(abar_{t+1}) x0 + sqrt(1 - abar_{t+1}) eps with x0 and eps as in `ddim_step`:
+    the DDIM ODE integrated the other way, so that decoding with `ddim_step` (eta = 0) retraces
+    it. At t = T - 1, abar_T is taken as 0 and the step returns eps (Improved DDPM's
+    `ddim_reverse_sample`).
+
+    Args:
+      d: the diffusion (possibly respaced).
+      model_output: the model's output at (x_t, t), see `p_mean_variance`.
+      x_t: [B, H, W, C]; x_0 itself at t = 0.
+      t: [B] int indices into the tables of `d`.
+      clip_denoised: clip the predicted x_0 to [-1, 1].
+
+    Returns:
+      x_{t+1} [B, H, W, C].
+    """
+    pred_xstart = p_mean_variance(d, model_output, x_t, t, clip_denoised)['pred_xstart']
+    eps = predict_eps_from_xstart(d, x_t, t, pred_xstart)
+    abar_next = _extract(d.alphas_cumprod_next, t, x_t.shape)
+    return jnp.sqrt(abar_next) * pred_xstart + jnp.sqrt(1 - abar_next) * eps
 
 
 # Likelihood terms.

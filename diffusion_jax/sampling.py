@@ -270,6 +270,55 @@ def make_sample_fn(
     return Sampler(chain, batch_size=batch_size, mesh=mesh)
 
 
+def make_ddim_codec(
+    model: Any,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    *,
+    num_steps: int | None = None,
+    clip_denoised: bool = True,
+) -> tuple[Callable[[Any, jax.Array], jax.Array], Callable[[Any, jax.Array], jax.Array]]:
+    """(encode, decode): deterministic DDIM (eta = 0) between images and latents x_T, jitted.
+
+    `encode(params, x0)` runs `diffusion.ddim_reverse_step` for t = 0, ..., S - 1 and
+    `decode(params, x_T)` runs `ddim_step` with eta = 0 for t = S - 1, ..., 0, each one
+    `lax.scan`; S = `num_steps` steps spaced as `make_sample_fn` spaces them (None: all T).
+    Decoding an encoding recovers the image up to the ODE's discretisation error. Clipping the
+    predicted x_0 (the default, as Improved DDPM's `ddim_reverse_sample`) matters: without it
+    the last steps of a schedule whose alpha_bar ends near 0 (cosine: 4e-8 at T=250) multiply
+    the model's error by 1 / sqrt(alpha_bar).
+
+    Args (of both): params, and [B, H, W, C] images in [-1, 1] or latents.
+    """
+    num_steps = diffusion.num_timesteps if num_steps is None else num_steps
+    timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
+    d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion
+    model_t = jnp.asarray(timesteps, jnp.int32)
+
+    def encode(params, x0):
+        def body(x, i):
+            t = jnp.full((x.shape[0],), i, jnp.int32)
+            out = model.apply({'params': params}, x, jnp.full_like(t, model_t[i]), train=False)
+            x = diffusion_lib.ddim_reverse_step(d, out, x, t, clip_denoised=clip_denoised)
+            return x, None
+
+        return jax.lax.scan(body, x0, jnp.arange(num_steps))[0]
+
+    def decode(params, x_end):
+        step = _denoise_step(
+            model,
+            params,
+            d,
+            timesteps,
+            lambda i: jnp.zeros_like(x_end),  # eta = 0 draws no noise
+            sampler='ddim',
+            eta=0.0,
+            clip_denoised=clip_denoised,
+        )
+        return _reverse_chain(step, x_end, num_steps)[0]
+
+    return jax.jit(encode), jax.jit(decode)
+
+
 def make_score_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion) -> Callable:
     """Returns `score_fn(params, x, t) = -eps(x, t) / sqrt(1 - alpha_bar_t)` (Song & Ermon link).
 
