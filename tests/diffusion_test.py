@@ -533,6 +533,26 @@ class DdimStepTest(parameterized.TestCase):
             )
             np.testing.assert_allclose(x, x0_out, rtol=1e-6, atol=1e-6)
 
+    @parameterized.parameters(False, True)
+    def test_the_reverse_step_goes_to_the_next_noise_level_along_eq_12(self, clip):
+        # Encoding (eta = 0) moves x_t to alpha_bar_{t+1} along the same x_0 and eps; at the
+        # last step alpha_bar_T = 0 and the result is eps.
+        d = _make('eps', 'fixedlarge')
+        ts = [*TS, T - 1]
+        shape = (len(ts), 2, 2, 1)
+        x_t, eps_out = _rand(0, shape, -2.0, 2.0), _rand(1, shape)
+        got = diffusion_lib.ddim_reverse_step(d, eps_out, x_t, jnp.asarray(ts), clip_denoised=clip)
+        for i, t in enumerate(ts):
+            ab = REF.alpha_bar[t]
+            ab_next = REF.alpha_bar[t + 1] if t + 1 < T else 0.0
+            x_t64, eps64 = x_t[i].astype(np.float64), eps_out[i].astype(np.float64)
+            x0 = (x_t64 - math.sqrt(1 - ab) * eps64) / math.sqrt(ab)
+            if clip:
+                x0 = np.clip(x0, -1.0, 1.0)
+            eps = (x_t64 - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+            expected = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
+            np.testing.assert_allclose(got[i], expected, rtol=RTOL, atol=ATOL)
+
 
 if __name__ == '__main__':
     absltest.main()
