@@ -77,6 +77,22 @@ def _ddim_round_trip_rmse(config, params, num=64):
     return rmse
 
 
+def _fresh_state_and_step(config, num_microbatches: int = 1):
+    """A new TrainState of `config` (8x8x1 images) and its jitted train step, EMA decay 0.9."""
+    tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+    state = train_state_lib.create_train_state(
+        models.get_model(config), tx, jax.random.key(0), (8, 8, 1)
+    )
+    step = functools.partial(
+        train.train_step,
+        diffusion=experiment.create_diffusion(config),
+        ema_decay=0.9,
+        learning_rate_fn=lr_fn,
+        num_microbatches=num_microbatches,
+    )
+    return state, jax.jit(step)
+
+
 def _leaves_equal(a, b):
     return all(
         np.array_equal(np.asarray(x), np.asarray(y))
@@ -147,22 +163,11 @@ class MicrobatchTest(absltest.TestCase):
     def test_four_slices_take_the_same_steps_as_the_whole_batch(self):
         config = tiny_config()
         config.optim.warmup_steps = 0
-        model = models.get_model(config)
-        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
         images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 8, 8, 1)).astype(np.float32)
         runs = {}
         for k in (1, 4):
-            step = jax.jit(
-                functools.partial(
-                    train.train_step,
-                    diffusion=experiment.create_diffusion(config),
-                    ema_decay=0.9,
-                    learning_rate_fn=lr_fn,
-                    num_microbatches=k,
-                )
-            )
-            s, metrics = jax.tree.map(jnp.copy, state), []
+            state, step = _fresh_state_and_step(config, num_microbatches=k)
+            s, metrics = state, []
             for batch in images:
                 s, m = step(s, {'image': jnp.asarray(batch)}, jax.random.key(1))
                 metrics.append(m)
@@ -259,17 +264,7 @@ class TrainStepTest(parameterized.TestCase):
     def test_a_non_finite_step_changes_nothing_but_the_step(self):
         config = tiny_config()
         config.optim.warmup_steps = 0
-        model = models.get_model(config)
-        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
-        state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
-        step = jax.jit(
-            functools.partial(
-                train.train_step,
-                diffusion=experiment.create_diffusion(config),
-                ema_decay=0.9,
-                learning_rate_fn=lr_fn,
-            )
-        )
+        state, step = _fresh_state_and_step(config)
         clean = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
         poisoned = clean.copy()
         poisoned[2, 3, 4, 0] = np.nan
