@@ -74,6 +74,7 @@ SCHEMA: dict[str, Field] = {
     'model.dtype': Field(str, choices=options.DTYPES),
     'model.param_dtype': Field(str, choices=options.DTYPES),
     'model.remat': Field(bool),
+    'model.rescale_timesteps': Field(bool),
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
     'diffusion.beta_schedule': Field(str, choices=options.BETA_SCHEDULES),
     'diffusion.beta_start': Field(float),  # range depends on the schedule: _check_betas
@@ -312,11 +313,16 @@ def _check_group_norm(v: dict[str, Any]) -> Iterator[str]:
 
 
 def _check_betas(v: dict[str, Any]) -> Iterator[str]:
-    """linear, quad and const need 0 < beta_start <= beta_end < 1 (cosine and jsd ignore them)."""
+    """linear, quad and const need 0 < beta_start <= beta_end < 1 (cosine and jsd ignore them);
+    linear_iddpm needs its scaled end, beta_end * 1000 / T, below 1."""
     start, end = v.get('diffusion.beta_start'), v.get('diffusion.beta_end')
-    schedule = v.get('diffusion.beta_schedule')
-    if schedule not in ('linear', 'quad', 'const') or start is None or end is None:
+    schedule, steps = v.get('diffusion.beta_schedule'), v.get('diffusion.num_timesteps')
+    if schedule not in ('linear', 'linear_iddpm', 'quad', 'const') or start is None or end is None:
         return
+    if schedule == 'linear_iddpm' and steps and end * 1000 / steps >= 1:
+        what = f'{end!r} * 1000 / T is {end * 1000 / steps:.3g} for T={steps}: betas above 1'
+        fix = f"use T > {int(end * 1000)}, or beta_schedule 'cosine'"
+        yield _line('diffusion.beta_end', what, fix)
     if not start > 0:
         yield _line('diffusion.beta_start', f'must be > 0, got {start!r}', 'the paper uses 1e-4')
     if not end < 1:
@@ -448,10 +454,38 @@ def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool
         problems.extend(check(values))
     if problems:
         raise ConfigError('\n'.join(problems))
+    if not weights_from_checkpoint:
+        _warn_about_the_endpoint(values)
+
+
+def _warn_about_the_endpoint(v: dict[str, Any]) -> None:
+    """Warns when x_T keeps more than `schedules.MAX_ENDPOINT_SIGNAL` of x_0."""
+    from diffusion_jax import schedules  # NumPy only
+
+    schedule, steps = v.get('diffusion.beta_schedule'), v.get('diffusion.num_timesteps')
+    if schedule is None or steps is None:
+        return
+    betas = schedules.get_beta_schedule(
+        schedule, steps, beta_start=v['diffusion.beta_start'], beta_end=v['diffusion.beta_end']
+    )
+    signal = schedules.endpoint_signal(betas)
+    if signal > schedules.MAX_ENDPOINT_SIGNAL:
+        logging.warning(
+            'config.diffusion: the %r schedule with T=%d leaves sqrt(alpha_bar_T) = %.3f of the '
+            'image in x_T (more than %g), but sampling starts from pure noise; consider '
+            "beta_schedule 'linear_iddpm' (endpoints scaled by 1000 / T) or 'cosine'",
+            schedule,
+            steps,
+            signal,
+            schedules.MAX_ENDPOINT_SIGNAL,
+        )
 
 
 # model.* keys that change how the network is computed, not its weights or its outputs.
 _MEMORY_ONLY_KEYS = ('model.remat',)
+# Weight keys added after checkpoints were first written, with the value that such older
+# checkpoints were trained with: a stored config without the key means that value.
+_LATER_WEIGHT_KEYS = {'model.rescale_timesteps': False}
 
 # What a checkpoint's weights mean: the network, the diffusion it was trained for and the image
 # format. Everything else (data locations, training, optimizer, sampling and eval settings) is
@@ -487,6 +521,8 @@ def split_stored_config(stored: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         for key, value in keys.items() if isinstance(keys, dict) else ():
             dotted = f'{section}.{key}'
             (weights if dotted in WEIGHT_KEYS else free)[dotted] = _comparable(value)
+    if weights:  # a checkpoint from before a key existed was trained with its old meaning
+        weights = {**_LATER_WEIGHT_KEYS, **weights}
     return weights, free
 
 

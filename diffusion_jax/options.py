@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 MODELS = ('ddpm_unet',)
 DTYPES = ('float32', 'bfloat16', 'float16')
-BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'quad')
+BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')
 MODEL_MEAN_TYPES = ('eps', 'xprev', 'xstart')
 MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 # These variance types make the network predict log-variance coefficients next to the mean.

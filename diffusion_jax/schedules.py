@@ -2,12 +2,15 @@
 
 `linear`, `quad`, `const` and `jsd` are the schedules of the original DDPM code (Ho et al. 2020;
 the paper uses `linear` from 1e-4 to 0.02 with T=1000); `cosine` is Improved DDPM's
-(Nichol & Dhariwal 2021, eq. 17). Tables are float64 NumPy; `GaussianDiffusion.create` derives
-everything else from them in float64 and casts to float32 once.
+(Nichol & Dhariwal 2021, eq. 17), and so is `linear_iddpm`, the linear schedule with both
+endpoints scaled by 1000 / T, so that any T destroys the signal as T=1000 does (at T=1000 it is
+`linear`; it is not diffusers' `scaled_linear`, which is our `quad`). Tables are float64 NumPy;
+`GaussianDiffusion.create` derives everything else from them in float64 and casts to float32
+once.
 
-`linear`, `quad` and `const` use the given endpoints for every T (the original code's form), so
-for T != 1000 pass rescaled endpoints if you want Improved DDPM's scale-invariant variant
-(beta_start * 1000 / T, beta_end * 1000 / T).
+`linear`, `quad` and `const` use the given endpoints for every T (the original code's form): at
+T=250, `linear` leaves sqrt(alpha_bar_T) = 0.28, far from the N(0, I) that sampling starts from.
+`endpoint_signal` says how much signal a schedule leaves.
 """
 
 import math
@@ -20,6 +23,8 @@ from diffusion_jax import options
 # clip at 0.999 avoids the singularity of the cosine schedule at t = T.
 _COSINE_OFFSET = 0.008
 _COSINE_MAX_BETA = 0.999
+# config_lib warns about schedules that leave more of x_0 than this in x_T (sqrt(alpha_bar_T)).
+MAX_ENDPOINT_SIGNAL = 0.01
 
 
 def _cosine_alpha_bar(t: np.ndarray, num_timesteps: int) -> np.ndarray:
@@ -39,8 +44,10 @@ def get_beta_schedule(
     Args:
       name: one of `options.BETA_SCHEDULES`.
       num_timesteps: T, the number of diffusion steps (>= 1).
-      beta_start: first beta of `linear` and `quad` (the paper's 1e-4).
-      beta_end: last beta of `linear` and `quad`, and the value of `const` (the paper's 0.02).
+      beta_start: first beta of `linear` and `quad` (the paper's 1e-4); `linear_iddpm` scales it
+        by 1000 / T.
+      beta_end: last beta of `linear` and `quad`, and the value of `const` (the paper's 0.02);
+        `linear_iddpm` scales it by 1000 / T.
 
     Returns:
       [T] float64 betas in (0, 1]; code index t is the paper's step t + 1.
@@ -56,6 +63,9 @@ def get_beta_schedule(
     n = int(num_timesteps)
     if name == 'linear':
         betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    elif name == 'linear_iddpm':
+        scale = 1000.0 / n
+        betas = np.linspace(scale * beta_start, scale * beta_end, n, dtype=np.float64)
     elif name == 'quad':
         betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
     elif name == 'const':
@@ -73,3 +83,8 @@ def get_beta_schedule(
             'outside (0, 1]; choose 0 < beta_start <= beta_end < 1'
         )
     return betas
+
+
+def endpoint_signal(betas: np.ndarray) -> float:
+    """sqrt(alpha_bar_T): how much of x_0 is left in x_T (the sampler starts from pure noise)."""
+    return float(np.sqrt(np.prod(1.0 - np.asarray(betas, np.float64))))

@@ -140,7 +140,7 @@ _BAD_CONFIGS = (
         {'diffusion.beta_schedule': 'sigmoid'},
         [
             "config.diffusion.beta_schedule: unknown value 'sigmoid'",
-            "choose one of ['const', 'cosine', 'jsd', 'linear', 'quad']",
+            "choose one of ['const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad']",
         ],
     ),
     (
@@ -247,8 +247,9 @@ class ShippedConfigTest(parameterized.TestCase):
 
     def test_every_beta_schedule_the_schema_accepts_builds_valid_betas(self):
         for name in config_lib.SCHEMA['diffusion.beta_schedule'].choices:
-            betas = schedules.get_beta_schedule(name, 10)
-            self.assertEqual(betas.shape, (10,), name)
+            # T=100: linear_iddpm scales 0.02 by 1000 / T, and T <= 20 is refused for it.
+            betas = schedules.get_beta_schedule(name, 100)
+            self.assertEqual(betas.shape, (100,), name)
             self.assertTrue(np.all((betas > 0) & (betas <= 1)), name)
 
 
@@ -365,6 +366,41 @@ class LoadConfigFileTest(absltest.TestCase):
             [sys.executable, '-c', code], cwd=_REPO, capture_output=True, text=True, check=True
         )
         self.assertEqual(result.stdout.strip(), '[]')
+
+
+class ScheduleWarningTest(absltest.TestCase):
+    def test_a_schedule_that_leaves_signal_in_x_t_is_warned_about(self):
+        config = digits.get_config()
+        config.diffusion.beta_schedule = 'linear'  # T=250: sqrt(alpha_bar_T) = 0.28
+        with self.assertLogs(level='WARNING') as logs:
+            config_lib.validate(config)
+        self.assertRegex('\n'.join(logs.output), r"'linear' schedule with T=250 leaves .* 0\.282")
+        for schedule in ('linear_iddpm', 'cosine'):
+            config.diffusion.beta_schedule = schedule
+            with self.assertNoLogs(level='WARNING'):
+                config_lib.validate(config)
+
+    def test_linear_iddpm_with_too_few_steps_is_refused(self):
+        config = digits.get_config()
+        config.diffusion.beta_schedule = 'linear_iddpm'
+        config.diffusion.num_timesteps = 20  # 0.02 * 1000 / 20 = 1: a beta of 1 at the end
+        with self.assertRaisesRegex(config_lib.ConfigError, r'beta_end.*T > 20'):
+            config_lib.validate(config)
+
+
+class LaterWeightKeyTest(absltest.TestCase):
+    def test_a_checkpoint_from_before_rescale_timesteps_resumes_and_samples_as_trained(self):
+        config = digits.get_config()
+        stored = config.to_dict()
+        del stored['model']['rescale_timesteps']  # as written before the key existed
+        self.assertEqual(config_lib.weight_changes(stored, config), [])
+        config.model.rescale_timesteps = True
+        self.assertEqual(
+            config_lib.weight_changes(stored, config),
+            ['config.model.rescale_timesteps: checkpoint False, now True'],
+        )
+        merged = config_lib.with_checkpoint_weights(stored, config)
+        self.assertFalse(merged.model.rescale_timesteps)  # the weights' meaning, not the flag's
 
 
 if __name__ == '__main__':

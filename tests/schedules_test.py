@@ -55,7 +55,23 @@ class ScheduleTest(parameterized.TestCase):
         np.testing.assert_allclose(alpha_bar[:first_clip], expected[:first_clip], rtol=1e-10)
         self.assertLessEqual(betas.max(), 0.999)
 
-    @parameterized.parameters('linear', 'quad', 'cosine', 'const', 'jsd')
+    @parameterized.parameters(50, 250, 1000, 4000)
+    def test_linear_iddpm_scales_both_endpoints_by_1000_over_t(self, num_timesteps):
+        # Nichol & Dhariwal 2021's get_named_beta_schedule('linear', T): scale = 1000 / T.
+        scale = 1000 / num_timesteps
+        want = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps)
+        got = schedules.get_beta_schedule('linear_iddpm', num_timesteps)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        # Every T then leaves about as little of x_0 in x_T as the paper's T=1000 does.
+        self.assertBetween(schedules.endpoint_signal(got), 0.002, 0.007)
+
+    def test_endpoint_signal_is_sqrt_alpha_bar_t(self):
+        betas = np.array([0.5, 0.5, 0.75])
+        self.assertAlmostEqual(schedules.endpoint_signal(betas), np.sqrt(0.5 * 0.5 * 0.25))
+        linear_250 = schedules.get_beta_schedule('linear', 250)
+        self.assertAlmostEqual(schedules.endpoint_signal(linear_250), 0.28, delta=0.005)
+
+    @parameterized.parameters('linear', 'linear_iddpm', 'quad', 'cosine', 'const', 'jsd')
     def test_every_schedule_gives_t_betas_in_0_1(self, name):
         betas = schedules.get_beta_schedule(name, 50)
         self.assertEqual(betas.shape, (50,))

@@ -401,6 +401,25 @@ class RematTest(parameterized.TestCase):
         self.assertLen(re.findall(regions, jaxpr), 12)
 
 
+class RescaleTimestepsTest(parameterized.TestCase):
+    def test_the_network_embeds_t_times_1000_over_t(self):
+        # Improved DDPM's rescale_timesteps: the same network, fed t * 1000 / T.
+        scaled = _TINY.clone(timestep_scale=1000.0 / 250)
+        params = _randomize(_tiny_variables()['params'], 5, 0.1)
+        t = np.array([3, 200], np.int32)
+        got = _apply(scaled, {'params': params}, _TINY_X, t, train=False)
+        want = _apply(_TINY, {'params': params}, _TINY_X, t * 4.0, train=False)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        plain = _apply(_TINY, {'params': params}, _TINY_X, t, train=False)
+        self.assertGreater(float(jnp.max(jnp.abs(got - plain))), 1e-3)
+
+    def test_get_model_scales_by_the_configs_t_only_when_asked(self):
+        config = digits.get_config()
+        self.assertEqual(models.get_model(config).timestep_scale, 1.0)
+        config.model.rescale_timesteps = True
+        self.assertEqual(models.get_model(config).timestep_scale, 1000.0 / 250)
+
+
 class DtypeTest(parameterized.TestCase):
     def test_bfloat16_compute_keeps_float32_params_and_output(self):
         model = _TINY.clone(dtype=jnp.bfloat16, param_dtype=jnp.float32)

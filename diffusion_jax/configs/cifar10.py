@@ -52,6 +52,9 @@ def _model() -> ml_collections.ConfigDict:
     model.dtype = 'float32'  # compute dtype, one of options.DTYPES
     model.param_dtype = 'float32'  # storage dtype of the parameters
     model.remat = False  # recompute each block in the backward pass: less memory, same results
+    # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
+    # embedding spans the same range for any T. Defines the weights' meaning.
+    model.rescale_timesteps = False
     return model
 
 

@@ -24,8 +24,9 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
     """Builds the denoising network that `config.model` describes.
 
     Args:
-        config: the experiment config; reads `model.*`, `data.num_channels` and
-            `diffusion.model_var_type`.
+        config: the experiment config; reads `model.*`, `data.num_channels`,
+            `diffusion.model_var_type` and, for `model.rescale_timesteps`,
+            `diffusion.num_timesteps`.
 
     Returns:
         An unbound UNet whose output has `num_channels` channels, or twice that when the
@@ -50,4 +51,5 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(),
         remat=m.remat,
+        timestep_scale=1000.0 / config.diffusion.num_timesteps if m.rescale_timesteps else 1.0,
     )

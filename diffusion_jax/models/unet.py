@@ -36,6 +36,8 @@ class UNet(nn.Module):
             decides once; None (the default) makes every attention block use XLA's attention.
         remat: recompute each residual and attention block in the backward pass instead of
             storing its activations (`nn.remat`): less memory, the same parameters and outputs.
+        timestep_scale: the network embeds t * timestep_scale (1000 / T for Improved DDPM's
+            `rescale_timesteps`); 1.0 embeds t itself.
     """
 
     ch: int
@@ -50,6 +52,7 @@ class UNet(nn.Module):
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
     remat: bool = False
+    timestep_scale: float = 1.0
 
     def _resnet_block(self, out_ch: int | None, name: str) -> layers.ResnetBlock:
         cls = layers.RematResnetBlock if self.remat else layers.ResnetBlock
@@ -92,6 +95,8 @@ class UNet(nn.Module):
     def _timestep_mlp(self, t: jax.Array) -> jax.Array:
         """Dense(4ch)(emb(t)) -> swish -> Dense(4ch): [B] -> [B, 4 ch]."""
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+        if self.timestep_scale != 1.0:
+            t = t.astype(jnp.float32) * self.timestep_scale
         temb = layers.get_timestep_embedding(t, self.ch)
         temb = nn.Dense(
             4 * self.ch, kernel_init=layers.default_init(), name='temb_dense0', **dtypes
