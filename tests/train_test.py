@@ -354,21 +354,23 @@ _EIGHT_DEVICES = textwrap.dedent(
     model, d = models.get_model(config), experiment.create_diffusion(config)
     tx, lr_fn = tsl.create_optimizer(config.optim)
     batch = {'image': np.random.default_rng(0).uniform(-1, 1, (16, 8, 8, 1)).astype('f4')}
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()):
-        mesh = parallel.create_mesh(devices)
-        state = tsl.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
-        state = jax.device_put(state, parallel.replicated(mesh))
-        step = train.make_jit_train_step(config, d, lr_fn, mesh)
-        for _ in range(3):
-            b = jax.device_put(batch, parallel.batch_sharding(mesh))
-            state, metrics = step(state, b, jax.random.key(1))
-        results.append((jax.device_get(state.params), float(metrics['loss'])))
-    (p1, l1), (p8, l8) = results
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    print('MATCH', l1, l8)
+    for slices in (1, 2):  # 2: the microbatch scan, each device's 2 rows split over the slices
+        config.training.num_microbatches = slices
+        results = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = parallel.create_mesh(devices)
+            state = tsl.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+            state = jax.device_put(state, parallel.replicated(mesh))
+            step = train.make_jit_train_step(config, d, lr_fn, mesh)
+            for _ in range(3):
+                b = jax.device_put(batch, parallel.batch_sharding(mesh))
+                state, metrics = step(state, b, jax.random.key(1))
+            results.append((jax.device_get(state.params), float(metrics['loss'])))
+        (p1, l1), (p8, l8) = results
+        np.testing.assert_allclose(l8, l1, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+        print('MATCH', slices, l1, l8)
     """
 )
 
@@ -386,7 +388,8 @@ class MultiDeviceTest(parameterized.TestCase):
             timeout=600,
         )
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-        self.assertIn('MATCH', proc.stdout)
+        self.assertIn('MATCH 1 ', proc.stdout)  # one slice
+        self.assertIn('MATCH 2 ', proc.stdout)  # two microbatches
 
 
 @pytest.mark.slow  # trains in a subprocess
