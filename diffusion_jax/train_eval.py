@@ -139,6 +139,6 @@ def _same_on_every_process(metrics: dict[str, float]) -> dict[str, float]:
     """Process 0's scores on every process (the lead computes the digits metrics and FID)."""
     names = sorted(LOWER_IS_BETTER)
     values = np.asarray([float(metrics.get(k, math.nan)) for k in names], np.float64)
-    if jax.process_count() > 1:
-        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+    if jax.process_count() > 1:  # JAX moves float32 (x64 is off): scores to 7 digits
+        values = np.asarray(multihost_utils.broadcast_one_to_all(values.astype(np.float32)))
     return {k: float(v) for k, v in zip(names, values, strict=True) if not math.isnan(v)}
