@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import experiment, input_pipeline, models, parallel, train
+from diffusion_jax import experiment, image_io, input_pipeline, models, parallel, train
 from diffusion_jax.configs import digits
 
 _STEPS = flags.DEFINE_integer('steps', 8000, 'Train steps per run (the digits default: 8000).')
@@ -54,7 +54,7 @@ def eval_loss(config: ml_collections.ConfigDict, params) -> float:
 
     Every test image is used EVAL_DRAWS times: x_start [EVAL_DRAWS * 297, 8, 8, 1].
     """
-    images = input_pipeline.to_float(input_pipeline.load_images(config.data, 'test'))
+    images = image_io.to_float(input_pipeline.load_images(config.data, 'test'))
     x_start = jnp.asarray(np.tile(images, (EVAL_DRAWS, 1, 1, 1)))
     diffusion = experiment.create_diffusion(config)
     t_rng, noise_rng = jax.random.split(jax.random.key(0))

@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import models, parallel, schedules
+from diffusion_jax import models, parallel, sampling, schedules
 from diffusion_jax import train_state as train_state_lib
 
 
@@ -67,6 +67,31 @@ class Experiment:
         """A freshly initialised TrainState, replicated over `mesh`."""
         state = train_state_lib.create_train_state(self.model, self.tx, rng, self.image_shape)
         return jax.device_put(state, parallel.replicated(mesh))
+
+    def sampler(
+        self,
+        mesh: Mesh | None,
+        *,
+        batch_size: int | None = None,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> sampling.Sampler:
+        """The sampler `config.sampling` describes (`sampling.make_sample_fn`), over `mesh`.
+
+        `batch_size`, `sampler` and `num_steps` override the config's when given.
+        """
+        s = self.config.sampling
+        return sampling.make_sample_fn(
+            self.model,
+            self.diffusion,
+            batch_size=batch_size or s.batch_size,
+            image_shape=self.image_shape,
+            sampler=sampler or s.sampler,
+            num_steps=num_steps if num_steps is not None else s.num_steps,
+            eta=s.eta,
+            clip_denoised=s.clip_denoised,
+            mesh=mesh,
+        )
 
     def restore_target(self, mesh: Mesh) -> Any:
         """`abstract_state` with every leaf replicated over `mesh`: what a checkpoint fills."""

@@ -132,18 +132,7 @@ def load_sampler(
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     exp, params, restored_step = restore_ema(workdir, config, mesh, step)
-    s = exp.config.sampling
-    sample_fn = sampling.make_sample_fn(
-        exp.model,
-        exp.diffusion,
-        batch_size=batch_size or s.batch_size,
-        image_shape=exp.image_shape,
-        sampler=sampler or s.sampler,
-        num_steps=num_steps if num_steps is not None else s.num_steps,
-        eta=s.eta,
-        clip_denoised=s.clip_denoised,
-        mesh=mesh,
-    )
+    sample_fn = exp.sampler(mesh, batch_size=batch_size, sampler=sampler, num_steps=num_steps)
     return sample_fn, params, exp.config, restored_step
 
 

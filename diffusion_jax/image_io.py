@@ -32,6 +32,11 @@ def to_uint8(images: Any) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [..., C] in 0..255 -> float32 in [-1, 1] (x / 127.5 - 1); inverts `to_uint8`."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 def make_grid(
     images: np.ndarray, *, ncol: int | None = None, padding: int = 2, pad_value: int = 255
 ) -> np.ndarray:
@@ -237,11 +242,11 @@ def load_arrays(path: str, names: Iterable[str] | None = None) -> dict[str, np.n
             return {'': _read_npy(f, size, str(path))}
         f.seek(0)
         with _zip(f, path) as archive:
-            wanted = set(array_names(path) if names is None else names)
+            wanted = None if names is None else set(names)
             arrays = {}
             for info in archive.infolist():
-                name = _member_name(path, info.filename)
-                if name in wanted:
+                name = _member_name(path, info.filename)  # every member must be an array
+                if wanted is None or name in wanted:
                     with archive.open(info) as member:
                         what = f'{path}: array {name!r}'
                         arrays[name] = _read_npy(member, info.file_size, what)

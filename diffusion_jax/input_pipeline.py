@@ -51,11 +51,6 @@ class DatasetError(errors.UserError, ValueError):
     """A data problem the user can fix; the message names the dataset and the fix."""
 
 
-def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 [..., C] in 0..255 -> float32 in [-1, 1] (x / 127.5 - 1)."""
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 def load_images(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
     """Loads a whole split of an in-memory source ('digits', 'npz' or 'folder').
 
@@ -360,7 +355,7 @@ def eval_iterator(
     if share is not None:
         stop = min(stop, start + share)
     rows = (slice(i, min(i + local, stop)) for i in range(start, stop, local))
-    return ({'image': to_float(read(part))} for part in rows)
+    return ({'image': image_io.to_float(read(part))} for part in rows)
 
 
 def _builtin_loader(data_config: ml_collections.ConfigDict) -> None:

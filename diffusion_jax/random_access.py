@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import image_io
+
 # grain reads this many batches ahead, each in its own thread.
 GRAIN_THREADS = 8
 GRAIN_PREFETCH_BATCHES = 16
@@ -64,7 +66,7 @@ def assemble(images: np.ndarray, flips: np.ndarray | None) -> dict[str, np.ndarr
     """uint8 [b, S, S, C] (rows mirrored where `flips`) -> {'image': float32 in [-1, 1]}."""
     if flips is not None:
         images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    return {'image': images.astype(np.float32) / 127.5 - 1.0}
+    return {'image': image_io.to_float(images)}
 
 
 def grain_batches(

@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpointing, evaluate, experiment, generate, lead, parallel, sampling
+from diffusion_jax import checkpointing, evaluate, experiment, generate, lead, parallel
 from diffusion_jax.evaluation import inception
 
 BEST_DIR = 'best'
@@ -35,20 +35,10 @@ class Evaluator:
     """Scores the EMA parameters every `eval_every_steps` steps; keeps the best checkpoint."""
 
     def __init__(self, exp: experiment.Experiment, mesh: Mesh, workdir: str):
-        config, s = exp.config, exp.config.sampling
+        config = exp.config
         self.config, self.mesh, self.workdir = config, mesh, workdir
         self.every = config.training.eval_every_steps
-        self.sample_fn = sampling.make_sample_fn(
-            exp.model,
-            exp.diffusion,
-            batch_size=s.batch_size,
-            image_shape=exp.image_shape,
-            sampler=s.sampler,
-            num_steps=s.num_steps,
-            eta=s.eta,
-            clip_denoised=s.clip_denoised,
-            mesh=mesh,
-        )
+        self.sample_fn = exp.sampler(mesh)
         params = evaluate.load_inception(config)  # refused now, not after hours of training
         self.feature_fn = None
         if params is not None:

@@ -13,7 +13,7 @@ from absl.testing import absltest, parameterized
 from generate_test import tiny_config
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import evaluate, experiment, input_pipeline, models, parallel, train
+from diffusion_jax import evaluate, experiment, image_io, input_pipeline, models, parallel, train
 from diffusion_jax.evaluation import bpd
 
 
@@ -43,9 +43,7 @@ class EvaluateBpdTest(parameterized.TestCase):
             np.zeros((1,), np.int32),
             train=False,
         )['params']
-        self.images = input_pipeline.to_float(
-            input_pipeline.load_images(self.config.data, 'test')[:5]
-        )
+        self.images = image_io.to_float(input_pipeline.load_images(self.config.data, 'test')[:5])
 
     def _direct(self, x, rng):
         """calc_bpd_loop on one batch, unsharded: the reference."""
