@@ -33,13 +33,18 @@ class ConfigError(errors.UserError, ValueError):
     """A bad config or config file; the message has one line per problem."""
 
 
+class FloatTuple(tuple):
+    """The schema type of a tuple (or list) of numbers, such as guidance scales."""
+
+
 class Field(NamedTuple):
     """What one config key may hold.
 
-    `type` is int, float (ints accepted), bool, str, or tuple (a tuple or list of ints); a bool is
-    never an int or a float. `nullable` allows None (`config_dict.placeholder` fields). `choices`
-    lists a string enum's values. `bounds` is a numeric range in interval notation, '[0, 1)' or
-    '(0, inf)', applied to every entry of a tuple. `nonempty` rejects '' and ().
+    `type` is int, float (ints accepted), bool, str, tuple (a tuple or list of ints) or
+    `FloatTuple` (a tuple or list of numbers); a bool is never an int or a float. `nullable`
+    allows None (`config_dict.placeholder` fields). `choices` lists a string enum's values.
+    `bounds` is a numeric range in interval notation, '[0, 1)' or '(0, inf)', applied to every
+    entry of a tuple. `nonempty` rejects '' and ().
     """
 
     type: type
@@ -75,6 +80,7 @@ SCHEMA: dict[str, Field] = {
     'model.param_dtype': Field(str, choices=options.DTYPES),
     'model.remat': Field(bool),
     'model.rescale_timesteps': Field(bool),
+    'model.num_classes': Field(int, bounds=_NON_NEGATIVE),  # 0: unconditional
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
     'diffusion.beta_schedule': Field(str, choices=options.BETA_SCHEDULES),
     'diffusion.beta_start': Field(float),  # range depends on the schedule: _check_betas
@@ -92,6 +98,7 @@ SCHEMA: dict[str, Field] = {
     'training.seed': Field(int),
     'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
     'training.allow_config_change': Field(bool),
+    'training.label_dropout': Field(float, bounds='[0, 1)'),  # _check_conditioning
     'training.eval_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
     'training.eval_num_samples': Field(int, bounds='[2, inf)'),
     'training.best_metric': Field(str, choices=options.BEST_METRICS),  # _check_training_eval
@@ -115,6 +122,8 @@ SCHEMA: dict[str, Field] = {
     'sampling.interpolate': Field(str),  # '' or 'I,J': _check_interpolate
     'sampling.interpolate_t': Field(int, nullable=True, bounds=_NON_NEGATIVE),
     'sampling.interpolate_num': Field(int, bounds='[2, inf)'),
+    'sampling.class_label': Field(int, bounds='[-1, inf)'),  # < num_classes: _check_conditioning
+    'sampling.guidance_scale': Field(float, bounds=_NON_NEGATIVE),
     'eval.batch_size': Field(int, bounds=_POSITIVE),
     'eval.bpd': Field(bool),
     'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
@@ -124,6 +133,7 @@ SCHEMA: dict[str, Field] = {
     'eval.reference_stats': Field(str, nullable=True),
     'eval.compute_reference': Field(bool),
     'eval.reference_split': Field(str, nonempty=True),
+    'eval.guidance_sweep': Field(FloatTuple, bounds=_NON_NEGATIVE),
 }
 
 # section -> its keys, in schema order.
@@ -131,7 +141,14 @@ _SECTIONS: dict[str, list[str]] = {}
 for _section, _, _key in (dotted.partition('.') for dotted in SCHEMA):
     _SECTIONS.setdefault(_section, []).append(_key)
 
-_NAMES = {int: 'an int', float: 'a float', bool: 'a bool', str: 'a str', tuple: 'a tuple of ints'}
+_NAMES = {
+    int: 'an int',
+    float: 'a float',
+    bool: 'a bool',
+    str: 'a str',
+    tuple: 'a tuple of ints',
+    FloatTuple: 'a tuple of numbers',
+}
 _MISSING = object()
 
 
@@ -186,7 +203,8 @@ def _has_type(value: Any, expected: type) -> bool:
         return isinstance(value, numbers.Real)
     if expected is str:
         return isinstance(value, str)
-    return isinstance(value, tuple | list) and all(_has_type(x, int) for x in value)
+    entry = float if expected is FloatTuple else int
+    return isinstance(value, tuple | list) and all(_has_type(x, entry) for x in value)
 
 
 def _type_problem(key: str, field: Field, value: Any) -> str | None:
@@ -245,11 +263,12 @@ def _value_problem(key: str, field: Field, value: Any) -> str | None:
         return _line(key, 'must not be empty', 'see the comment on this key in configs/cifar10.py')
     if not field.bounds:
         return None
-    entries = value if field.type is tuple else (value,)
+    is_tuple = field.type in (tuple, FloatTuple)
+    entries = value if is_tuple else (value,)
     if all(_in_bounds(x, field.bounds) for x in entries):
         return None
     what, fix = _describe_bounds(field.bounds, field.type in (int, tuple))
-    if field.type is tuple:
+    if is_tuple:
         what = f'entries {what}'
     return _line(key, f'{what}, got {value!r}', fix)
 
@@ -355,6 +374,33 @@ def _check_num_steps(v: dict[str, Any]) -> Iterator[str]:
         yield _line('sampling.num_steps', what, f'use at most {num_timesteps}, or None for all T')
 
 
+def _check_label_dropout(v: dict[str, Any]) -> Iterator[str]:
+    dropout = v.get('training.label_dropout')
+    if dropout and v.get('model.num_classes') == 0:
+        what = f'{dropout!r} drops labels, but the model is unconditional (model.num_classes 0)'
+        yield _line('training.label_dropout', what, 'set model.num_classes, or label_dropout 0.0')
+
+
+def _check_conditional_sampling(v: dict[str, Any]) -> Iterator[str]:
+    """Class labels and guidance need a conditional network; a class id must be one of it."""
+    num_classes = v.get('model.num_classes')
+    if num_classes is None:
+        return
+    label, scale = v.get('sampling.class_label'), v.get('sampling.guidance_scale')
+    sweep = v.get('eval.guidance_sweep')
+    if num_classes == 0:
+        only = 'for a class-conditional model (model.num_classes > 0) only'
+        if label is not None and label >= 0:
+            yield _line('sampling.class_label', f'{label} names a class', f'use -1; {only}')
+        if scale:
+            yield _line('sampling.guidance_scale', f'{scale!r} guides', f'use 0.0; {only}')
+        if sweep:
+            yield _line('eval.guidance_sweep', f'{tuple(sweep)!r} guides', f'use (); {only}')
+    elif label is not None and label >= num_classes:
+        what = f'{label} is not a class of the model (model.num_classes {num_classes})'
+        yield _line('sampling.class_label', what, f'use -1 (every class) or 0..{num_classes - 1}')
+
+
 def _check_interpolate(v: dict[str, Any]) -> Iterator[str]:
     pair = v.get('sampling.interpolate')
     if pair and not re.fullmatch(r'\d+,\d+', pair):
@@ -416,10 +462,17 @@ _CROSS_CHECKS = (
 )
 # Checks of the caller's settings against the network's diffusion: sample and eval take the
 # diffusion from the checkpoint, so they run these on the merged config (`restore_ema`).
-_AGAINST_THE_WEIGHTS = (_check_num_steps, _check_interpolate_t)
+_AGAINST_THE_WEIGHTS = (_check_num_steps, _check_interpolate_t, _check_conditional_sampling)
+# Checks of training settings against the network, which sample and eval do not train.
+_TRAINING_CHECKS = (_check_label_dropout,)
 
 
-def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool = False) -> None:
+def validate(
+    config: ml_collections.ConfigDict,
+    *,
+    weights_from_checkpoint: bool = False,
+    training: bool = True,
+) -> None:
     """Checks a whole experiment config and reports every problem at once.
 
     Args:
@@ -427,6 +480,8 @@ def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool
         weights_from_checkpoint: the `WEIGHT_KEYS` will come from a checkpoint (sample and
             eval modes): skip the checks that compare other settings with them, which
             `generate.restore_ema` runs on the merged config.
+        training: the config will train (False: sample or eval); only then are the training
+            settings checked against the network (`_TRAINING_CHECKS`).
 
     Raises:
         ConfigError: listing every problem, one line each, as
@@ -450,6 +505,8 @@ def validate(config: ml_collections.ConfigDict, *, weights_from_checkpoint: bool
         else:
             values[key] = value
     checks = _CROSS_CHECKS if weights_from_checkpoint else _CROSS_CHECKS + _AGAINST_THE_WEIGHTS
+    if training and not weights_from_checkpoint:
+        checks += _TRAINING_CHECKS
     for check in checks:
         problems.extend(check(values))
     if problems:
@@ -485,7 +542,7 @@ def _warn_about_the_endpoint(v: dict[str, Any]) -> None:
 _MEMORY_ONLY_KEYS = ('model.remat',)
 # Weight keys added after checkpoints were first written, with the value that such older
 # checkpoints were trained with: a stored config without the key means that value.
-_LATER_WEIGHT_KEYS = {'model.rescale_timesteps': False}
+_LATER_WEIGHT_KEYS = {'model.rescale_timesteps': False, 'model.num_classes': 0}
 
 # What a checkpoint's weights mean: the network, the diffusion it was trained for and the image
 # format. Everything else (data locations, training, optimizer, sampling and eval settings) is

@@ -16,6 +16,10 @@ class UserError(Exception):
     """An error in what the user asked for; its message says what is wrong and how to fix it."""
 
 
+class DatasetError(UserError, ValueError):
+    """A data problem the user can fix; the message names the dataset and the fix."""
+
+
 class ConversionError(UserError, ValueError):
     """Input weights that cannot be converted (missing file, unknown layout, wrong shape)."""
 

@@ -13,7 +13,10 @@ For the checkpoint's EMA parameters:
     Without the setting they are reported as skipped, with one line saying how to get the
     file;
   - for the digits dataset, the offline digits metrics (`evaluation.digits`), with real held-out
-    digits for scale.
+    digits for scale, and for a class-conditional model the class accuracy of the samples;
+* `config.eval.guidance_sweep` (class-conditional models): the same sample metrics at each
+  guidance scale w, as a table in the log, `eval/guidance_<step>.json` and a plot
+  `eval/guidance_<step>.png` (the trade-off guidance papers show).
 Results go to `WORKDIR/eval/metrics_<step>.json` (atomically) and TensorBoard, and a summary
 table is logged at the end.
 """
@@ -60,6 +63,7 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         num_examples=e.num_bpd_images,
+        num_classes=config.model.num_classes,
     )
     bpd_fn = bpd.make_bpd_fn(exp.model, exp.diffusion, mesh)
     result = bpd.evaluate_bpd(
@@ -86,18 +90,26 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
     }
 
 
-def digits_scores(samples: np.ndarray) -> dict[str, Any]:
+def digits_scores(samples: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """The digits classifier's IS and FD of uint8 samples [N, 8, 8, 1], and of real digits.
+
+    With `labels` [N] (a conditional model's), also the accuracy of the samples against them
+    and the classifier's accuracy on the real held-out digits.
+    """
     from diffusion_jax.evaluation import digits
 
     classifier = digits.get_classifier()
-    ours = digits.digits_metrics(samples, classifier)
+    ours = digits.digits_metrics(samples, classifier, labels)
     real = digits.real_digits_reference(classifier)
-    return {
-        'digits_is': ours['digits_is'],
-        'digits_fd': ours['digits_fd'],
-        'real_heldout_digits_is': real['digits_is'],
-        'real_heldout_digits_fd': real['digits_fd'],
-    }
+    scores = {'digits_is': ours['digits_is'], 'digits_fd': ours['digits_fd']}
+    if labels is not None:
+        scores['digits_accuracy'] = ours['digits_accuracy']
+    scores.update(
+        real_heldout_digits_is=real['digits_is'], real_heldout_digits_fd=real['digits_fd']
+    )
+    if labels is not None:
+        scores['real_heldout_digits_accuracy'] = real['digits_accuracy']
+    return scores
 
 
 def _features(feature_fn, mesh, chunks, image_shape: tuple[int, ...], batch_size: int, stats):
@@ -296,15 +308,19 @@ def _table(metrics: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def _samples(config, workdir, mesh, sampler, step, inception_params) -> dict[str, Any]:
-    """Draws `config.eval.num_samples` images and scores them as they come (FID/IS, digits)."""
+def _samples(config, workdir, mesh, sampler, step, inception_params, suffix='') -> dict[str, Any]:
+    """Draws `config.eval.num_samples` images and scores them as they come (FID/IS, digits).
+
+    They go to `eval/samples_<step><suffix>.npz`.
+    """
     s, num_samples = config.sampling, config.eval.num_samples
     streamed = None
     if inception_params is not None:
         feature_fn = inception.make_feature_fn(inception_params, mesh=mesh)
         streamed = StreamingFidIs(feature_fn, mesh, num_samples)
-    path = os.path.join(workdir, 'eval', f'samples_{step}.npz')
+    path = os.path.join(workdir, 'eval', f'samples_{step}{suffix}.npz')
     sample_fn, params = sampler
+    labels = generate.sample_labels(config, num_samples)
     generate.generate_to_npz(
         sample_fn,
         params,
@@ -314,13 +330,63 @@ def _samples(config, workdir, mesh, sampler, step, inception_params) -> dict[str
         seed=s.seed,
         spec=generate.sample_spec(config, step),
         on_batch=streamed,
+        labels=labels,
     )
     metrics: dict[str, Any] = {'num_samples': num_samples}
     if config.data.dataset == 'digits' and lead.LeadWriter().is_lead:
         # 64 bytes an image: the digits classifier reads the whole file on process 0.
-        metrics.update(digits_scores(image_io.load_npz_rows(path, 'images')))
+        metrics.update(digits_scores(image_io.load_npz_rows(path, 'images'), labels))
     metrics.update(fid_is(config, mesh, streamed))
     return metrics
+
+
+def _guidance_sweep(config, workdir, mesh, params, step, inception_params) -> list[dict]:
+    """`_samples` at each w of `config.eval.guidance_sweep`: one row of scores per w.
+
+    The run's own w reuses the samples scored already; the others go to
+    `eval/samples_<step>_w<w>.npz`.
+    """
+    rows = []
+    for w in config.eval.guidance_sweep:
+        swept = config.copy_and_resolve_references()
+        swept.sampling.guidance_scale = float(w)
+        sampler = (experiment.build(swept).sampler(mesh), params)
+        own = float(w) == float(config.sampling.guidance_scale)
+        suffix = '' if own else f'_w{float(w):g}'
+        scores = _samples(swept, workdir, mesh, sampler, step, inception_params, suffix)
+        rows.append({'guidance_scale': float(w), **scores})
+    return rows
+
+
+def _sweep_table(rows: list[dict]) -> str:
+    """The sweep as a text table: one line per w, one column per numeric score."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, float) and 'real_heldout' not in k]
+    lines = ['  '.join(f'{k:>16}' for k in keys)]
+    lines += ['  '.join(f'{row[k]:16.4f}' for k in keys) for row in rows]
+    return '\n'.join(lines)
+
+
+def _plot_sweep(rows: list[dict], path: str) -> None:
+    """One panel per score against w, the real digits' level dashed where there is one."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+
+    scale = [row['guidance_scale'] for row in rows]
+    names = [k for k in ('digits_accuracy', 'digits_is', 'digits_fd', 'fid', 'inception_score')
+             if isinstance(rows[0].get(k), float)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.plot(scale, [row[name] for row in rows], 'o-')
+        if isinstance(real := rows[0].get(f'real_heldout_{name}'), float):
+            ax.axhline(real, color='grey', linestyle='--', label='real held-out digits')
+            ax.legend(fontsize=8)
+        ax.set_xlabel('guidance scale w')
+        ax.set_title(name)
+    fig.suptitle('Classifier-free guidance: eps = (1 + w) eps(x, y) - w eps(x, null)')
+    fig.tight_layout()
+    bpd.save_figure(plt, fig, path)
 
 
 def run_eval_mode(
@@ -346,6 +412,12 @@ def run_eval_mode(
         sampler = (sample_fn, params)
         metrics.update(_samples(config, workdir, mesh, sampler, step, inception_params))
     writer = lead.LeadWriter()
+    if config.eval.num_samples and config.eval.guidance_sweep:
+        rows = _guidance_sweep(config, workdir, mesh, params, step, inception_params)
+        writer.json(os.path.join(eval_dir, f'guidance_{step}.json'), rows)
+        if writer.is_lead:
+            _plot_sweep(rows, os.path.join(eval_dir, f'guidance_{step}.png'))
+            logging.info('guidance sweep (eval/guidance_%d.png):\n%s', step, _sweep_table(rows))
     path = os.path.join(eval_dir, f'metrics_{step}.json')
     writer.json(path, metrics)
     if writer.is_lead:

@@ -75,10 +75,12 @@ class Experiment:
         batch_size: int | None = None,
         sampler: str | None = None,
         num_steps: int | None = None,
+        guidance_scale: float | None = None,
     ) -> sampling.Sampler:
         """The sampler `config.sampling` describes (`sampling.make_sample_fn`), over `mesh`.
 
-        `batch_size`, `sampler` and `num_steps` override the config's when given.
+        `batch_size`, `sampler`, `num_steps` and `guidance_scale` override the config's when
+        given.
         """
         s = self.config.sampling
         return sampling.make_sample_fn(
@@ -91,6 +93,8 @@ class Experiment:
             eta=s.eta,
             clip_denoised=s.clip_denoised,
             mesh=mesh,
+            class_label=s.class_label,
+            guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
         )
 
     def restore_target(self, mesh: Mesh) -> Any:

@@ -9,7 +9,8 @@
   batch at a time and written atomically; an `on_batch` consumer (FID statistics) sees every
   batch as it is drawn, so no process ever holds all N images.
 * `run_sample_mode` is `--mode=sample`: the npz, a PNG grid and, when asked, the interpolation
-  strip of Ho et al. 2020, section 6.3.
+  strip of Ho et al. 2020, section 6.3. A class-conditional model's npz also holds `labels`, the
+  class of each image, and its grid has one row per class.
 """
 
 import io
@@ -87,7 +88,7 @@ def restore_ema(
             try:
                 meta = ckpt.restore_meta(candidate)
                 merged = config_lib.with_checkpoint_weights(meta.get('config', {}), config)
-                config_lib.validate(merged)  # the effective settings, before any work
+                config_lib.validate(merged, training=False)  # the effective settings, first
                 exp = experiment.build(merged)
                 target = exp.restore_target(mesh).ema_params
                 return exp, ckpt.restore_subtree('ema_params', target, candidate), candidate
@@ -143,13 +144,24 @@ def sample_spec(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     samplers are never mixed in one file.
     """
     s = config.sampling
-    return {
+    spec = {
         'checkpoint_step': step,
         'sampler': s.sampler,
         'num_steps': s.num_steps,
         'eta': s.eta,
         'clip_denoised': s.clip_denoised,
     }
+    if config.model.num_classes:  # unconditional specs keep their old form: they still resume
+        spec.update(class_label=s.class_label, guidance_scale=s.guidance_scale)
+    return spec
+
+
+def sample_labels(config: ml_collections.ConfigDict, num_samples: int) -> np.ndarray | None:
+    """int32 [num_samples]: the class of each image the config draws; None if unconditional."""
+    if not config.model.num_classes:
+        return None
+    indices = np.arange(num_samples, dtype=np.int32)
+    return sampling.image_labels(indices, config.model.num_classes, config.sampling.class_label)
 
 
 def _shard_index(shard_dir: str) -> list[tuple[int, int, epath.Path]]:
@@ -310,27 +322,27 @@ def generate_to_npz(
     seed: int,
     spec: dict[str, Any],
     on_batch: OnBatch | None = None,
+    labels: np.ndarray | None = None,
 ) -> None:
     """Draws `num_samples` images into `path` (array `images`, uint8 [N, H, W, C]), resumably.
 
     Each batch is written to `<path>.partial/images_<start>_<end>.npz` as soon as it is done; a
     rerun with the same `spec` skips the images already there. The final file is assembled from
-    the shards a batch at a time and written atomically, and the shard folder removed. Only
-    process 0 writes; no process ever holds more than a batch of images. A finished `path`
-    drawn with the same settings is reused as it is (its images go to `on_batch`); one drawn
-    with other settings is refused, never replaced.
+    the shards a batch at a time, written atomically, and the shard folder removed. Only process
+    0 writes; no process holds more than a batch of images. A finished `path` drawn with the
+    same settings is reused (its images go to `on_batch`); one of other settings is refused.
 
     Args:
-      sample_fn: `sample_fn(params, rng, first_index)` -> [batch_size, H, W, C] in [-1, 1].
-      params: the (EMA) parameters.
+      sample_fn, params: `sample_fn(params, rng, first_index)` -> [batch_size, H, W, C].
       path: the output .npz.
-      num_samples: N >= 1, any size (the last batch is cut).
-      batch_size: images per `sample_fn` call.
+      num_samples: N >= 1, any size (the last batch is cut); batch_size: images per call.
       seed: image i uses `fold_in(key(seed), i)`.
       spec: JSON-able description of the run (checkpoint step, sampler, ...); a partial run
         with another spec is refused, not mixed in.
       on_batch: called with every image in index order (`OnBatch`), those of a partial run
         first, on every process: streaming consumers such as FID statistics.
+      labels: int [N], the class `sample_fn` gives each image (`sample_labels`), stored as
+        array `labels`; None: an unconditional model.
     """
     if num_samples < 1:
         raise SampleError(f'num_samples must be >= 1, got {num_samples}')
@@ -358,14 +370,15 @@ def generate_to_npz(
             if not interactive:
                 logging.info('sampled %d of %d images', end, num_samples)
     if writer.is_lead and not epath.Path(path).exists():  # not already finished
-        _write_final(shard_dir, path, num_samples, batch_size, spec)
+        _write_final(shard_dir, path, num_samples, batch_size, spec, labels)
     multihost_utils.sync_global_devices('generate_to_npz: written')
 
 
-def _write_final(shard_dir, path, num_samples: int, batch_size: int, spec) -> None:
+def _write_final(shard_dir, path, num_samples: int, batch_size: int, spec, labels) -> None:
     """Joins the shards' first `num_samples` images into `path`, a batch at a time.
 
-    The file also holds `spec` (array `spec`, its JSON), which a rerun compares.
+    The file also holds `spec` (array `spec`, its JSON), which a rerun compares, and `labels`
+    when given.
     """
     index = _shard_index(shard_dir)
     first = _read_rows(shard_dir, index, 0, 1)
@@ -374,8 +387,10 @@ def _write_final(shard_dir, path, num_samples: int, batch_size: int, spec) -> No
         for start in range(0, num_samples, batch_size)
     )
     shape = (num_samples, *first.shape[1:])
-    spec_json = np.asarray(json.dumps(spec, sort_keys=True))
-    image_io.save_npz_rows(path, 'images', shape, np.uint8, chunks, spec=spec_json)
+    small = {'spec': np.asarray(json.dumps(spec, sort_keys=True))}
+    if labels is not None:
+        small['labels'] = np.asarray(labels, np.int32)
+    image_io.save_npz_rows(path, 'images', shape, np.uint8, chunks, **small)
     epath.Path(shard_dir).rmtree()
 
 
@@ -413,6 +428,19 @@ def _write_interpolation(config, workdir, params, step, sources: np.ndarray) -> 
     return path
 
 
+def _write_grid(config: ml_collections.ConfigDict, path: str, grid_path: str) -> None:
+    """The PNG grid of the first 100 images of `path` (one row per class if conditional)."""
+    writer = lead.LeadWriter()
+    if not writer.is_lead:
+        return
+    images = image_io.load_npz_rows(path, 'images', 100)
+    labels = sample_labels(config, len(images))
+    ncol = None
+    if labels is not None:
+        images, ncol = image_io.rows_by_class(images, labels)
+    writer.grid(grid_path, images, ncol=ncol)
+
+
 def run_sample_mode(
     config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None
 ) -> str:
@@ -439,10 +467,10 @@ def run_sample_mode(
         batch_size=s.batch_size,
         seed=s.seed,
         spec=sample_spec(config, step),
+        labels=sample_labels(config, s.num_samples),
     )
     grid_path = os.path.join(workdir, 'samples', f'samples_{step}.png')
-    writer = lead.LeadWriter()
-    writer.grid(grid_path, image_io.load_npz_rows(path, 'images', 100) if writer.is_lead else None)
+    _write_grid(config, path, grid_path)
     logging.info('wrote %s (%d images) and %s', path, s.num_samples, grid_path)
     if pair:
         strip = _write_interpolation(config, workdir, params, step, sources)

@@ -59,6 +59,25 @@ def make_grid(
     return grid
 
 
+def rows_by_class(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """(images reordered for a grid with one row per class, its column count).
+
+    Row k holds the first m images of the k-th smallest label present, in index order, m being
+    the count of the rarest one. Images of one class only are returned as they are, with None
+    (a square grid).
+
+    Args:
+      images: [N, H, W, C].
+      labels: [N] class ids.
+    """
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        return images, None
+    per_class = min(int(np.sum(labels == k)) for k in classes)
+    order = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in classes])
+    return images[order], per_class
+
+
 def is_url(path: str) -> bool:
     """Whether `path` names a remote file system location such as gs://bucket/dir."""
     return '://' in str(path)

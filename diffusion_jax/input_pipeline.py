@@ -5,14 +5,22 @@ DDPM (Ho et al. 2020, Sec. 3.3) scales 8-bit images linearly to [-1, 1]: `x = ui
 
 * 'digits': scikit-learn's bundled 1,797 8x8 grey digits (no download). Their 17 levels 0..16 map
   to uint8 by `round(v * 255 / 16)`. Split 'train' is the first 1,500 images, 'test' the last 297.
+  Labels: the digit.
 * 'npz': `config.data.path` is an .npz (or .npy) holding uint8 [N, S, S, C] or [N, S, S]. The
   array is the one named like the split ('train', 'test'), else 'images', else the only array.
+  Labels: an optional int array [N], `<split>_labels` beside a split-named array, else `labels`.
 * 'folder': `config.data.path` is a folder of PNG/JPEG files, searched recursively in sorted order;
   `<path>/<split>/` is used when it exists, else the whole folder serves every split. Each image is
   center-cropped to a square and resized with Pillow's bicubic filter (antialiased when shrinking).
-* anything else: a tensorflow-datasets image dataset, read from `config.data.data_dir` (None:
-  $TFDS_DATA_DIR or tfds' default); it must have been prepared beforehand, nothing is downloaded.
-  Images of another size (LSUN, CelebA-HQ) are center-cropped and resized like 'folder' ones.
+  Labels: one subfolder per class, class i being the i-th subfolder name in sorted order
+  (`class_names`; training saves the mapping as WORKDIR/classes.json).
+* anything else: a tensorflow-datasets image dataset (`tfds_data`), read from
+  `config.data.data_dir` (None: $TFDS_DATA_DIR or tfds' default); it must have been prepared
+  beforehand, nothing is downloaded. Labels: its `label` feature.
+
+Batches are {'image': float32 [b, S, S, C]}, plus 'label': int32 [b] when the iterators are given
+`num_classes` > 0 (a class-conditional model); a source without labels, or with a label outside
+[0, num_classes), is then refused in one line.
 
 Exact resume: global batch s is a pure function of (seed, s) and the data, so the data state *is*
 the step. For the in-memory sources the stream is the concatenation of epochs, epoch e being
@@ -21,12 +29,10 @@ p takes the p-th contiguous slice of it. tfds datasets are read with per-host sh
 deterministic tf.data pipeline; resuming at step k re-reads and discards k batches of encoded
 images (not decoded): exact, but slower than a seek.
 
-TensorFlow is imported lazily inside the tfds functions, so `import diffusion_jax` and every run on
-a built-in source never load it; TensorFlow and tfds come with the `tfds` extra.
+TensorFlow is imported lazily inside `tfds_data`, so `import diffusion_jax` and every run on a
+built-in source never load it; TensorFlow and tfds come with the `tfds` extra.
 """
 
-import contextlib
-import importlib
 import itertools
 import os
 import warnings
@@ -36,22 +42,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from diffusion_jax import errors, image_io, random_access
+from diffusion_jax import errors, image_io, random_access, tfds_data
 
-BUILTIN_SOURCES = ('digits', 'folder', 'npz')
+BUILTIN_SOURCES = tfds_data.BUILTIN_SOURCES
 DIGITS_NUM_TEST = 297  # the last 297 digits are the held-out 'test' split
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # Pillow's modes for 16-bit grey PNGs ('I' in older Pillow versions): values 0..65535.
 _SIXTEEN_BIT_GREY = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
-_SHUFFLE_BUFFER = 10_000  # tf.data shuffle buffer, in examples, capped by _SHUFFLE_BYTES
-_SHUFFLE_BYTES = 1 << 30
+DatasetError = errors.DatasetError
+Labelled = tuple[np.ndarray, np.ndarray | None]  # (uint8 images [N, S, S, C], int32 labels [N])
 
 
-class DatasetError(errors.UserError, ValueError):
-    """A data problem the user can fix; the message names the dataset and the fix."""
-
-
-def load_images(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+def load_split(data_config: ml_collections.ConfigDict, split: str) -> Labelled:
     """Loads a whole split of an in-memory source ('digits', 'npz' or 'folder').
 
     Args:
@@ -59,7 +61,8 @@ def load_images(data_config: ml_collections.ConfigDict, split: str) -> np.ndarra
         split: split name, e.g. 'train' or 'test'.
 
     Returns:
-        uint8 [N, S, S, C] with S = data_config.image_size, C = data_config.num_channels.
+        (uint8 [N, S, S, C] with S = data_config.image_size, C = data_config.num_channels;
+        int32 [N] class labels, or None when the source has none).
     """
     loaders = {'digits': _load_digits, 'npz': _load_npz, 'folder': _load_folder}
     name = data_config.dataset
@@ -71,7 +74,51 @@ def load_images(data_config: ml_collections.ConfigDict, split: str) -> np.ndarra
     return loaders[name](data_config, split)
 
 
-def _load_digits(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+def load_images(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+    """The images of `load_split`: uint8 [N, S, S, C]."""
+    return load_split(data_config, split)[0]
+
+
+def load_labelled(data_config: ml_collections.ConfigDict, split: str, num_classes: int) -> Labelled:
+    """`load_split`, with labels required when `num_classes` > 0 and checked in [0, K)."""
+    images, labels = load_split(data_config, split)
+    if num_classes:
+        check_labels(labels, num_classes, f'dataset {data_config.dataset!r} split {split!r}')
+    return images, labels if num_classes else None
+
+
+def check_labels(labels: np.ndarray | None, num_classes: int, what: str) -> None:
+    """Refuses missing labels, or labels outside [0, num_classes), in one line."""
+    if labels is None:
+        raise DatasetError(
+            f'{what} has no class labels, but model.num_classes={num_classes} makes the model '
+            "class-conditional: give 'npz' a labels array, put 'folder' images in one subfolder "
+            'per class, or train unconditionally (--config.model.num_classes=0)'
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DatasetError(
+            f"{what} has labels {int(labels.min())}..{int(labels.max())}, outside the model's "
+            f'classes 0..{num_classes - 1}; set --config.model.num_classes={int(labels.max()) + 1}'
+        )
+
+
+def class_names(data_config: ml_collections.ConfigDict, split: str) -> list[str] | None:
+    """The name of each class id: digits' digits, 'folder''s subfolders, tfds' label names.
+
+    None where the source names no classes ('npz') or has none.
+    """
+    if data_config.dataset == 'digits':
+        return [str(d) for d in range(10)]
+    if data_config.dataset == 'folder':
+        root = _split_root(data_config, split)
+        return _folder_classes(root, _image_paths(root))
+    if data_config.dataset == 'npz':
+        return None
+    features = tfds_data.builder(data_config, tensorflow=False).info.features
+    return list(features['label'].names) if 'label' in features else None
+
+
+def _load_digits(data_config: ml_collections.ConfigDict, split: str) -> Labelled:
     from sklearn import datasets  # lazy: scikit-learn is slow to import
 
     if data_config.image_size != 8 or data_config.num_channels != 1:
@@ -80,14 +127,16 @@ def _load_digits(data_config: ml_collections.ConfigDict, split: str) -> np.ndarr
             f'and data.num_channels={data_config.num_channels}; set --config.data.image_size=8 '
             '--config.data.num_channels=1 (or use configs/digits.py)'
         )
-    raw = datasets.load_digits().images  # [1797, 8, 8] float64, values 0..16
-    splits = {'train': raw[:-DIGITS_NUM_TEST], 'test': raw[-DIGITS_NUM_TEST:]}
+    bunch = datasets.load_digits()  # images [1797, 8, 8] float64 in 0..16, target [1797]
+    splits = {'train': slice(None, -DIGITS_NUM_TEST), 'test': slice(-DIGITS_NUM_TEST, None)}
     if split not in splits:
         raise DatasetError(
             f"dataset 'digits' has splits {sorted(splits)}, not {split!r}; "
             "set --config.data.train_split='train' / --config.data.eval_split='test'"
         )
-    return np.round(splits[split] * 255 / 16).astype(np.uint8)[..., None]
+    rows = splits[split]
+    images = np.round(bunch.images[rows] * 255 / 16).astype(np.uint8)[..., None]
+    return images, bunch.target[rows].astype(np.int32)
 
 
 def _require_path(data_config: ml_collections.ConfigDict) -> str:
@@ -122,46 +171,77 @@ def _check_images(images: np.ndarray, data_config: ml_collections.ConfigDict, wh
         )
 
 
-def _load_npz(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+def _npz_keys(keys: list[str], split: str, what: str) -> tuple[str, str]:
+    """(the images' array name, the name its labels would have) in an archive of `keys`."""
+    if split in keys:
+        return split, f'{split}_labels'
+    images = [k for k in keys if k != 'labels' and not k.endswith('_labels')]
+    if 'images' in keys or len(images) == 1:
+        return ('images' if 'images' in keys else images[0]), 'labels'  # or an .npy's one array
+    raise DatasetError(f"{what} holds arrays {keys}; name the images 'images' (or {split!r})")
+
+
+def _load_npz(data_config: ml_collections.ConfigDict, split: str) -> Labelled:
     path = _require_path(data_config)
     what = f"dataset 'npz' file {path}"
     if not os.path.isfile(path):
         raise DatasetError(f'{what} does not exist; check --config.data.path')
     try:
         keys = image_io.array_names(path)
-        key = split if split in keys else 'images' if 'images' in keys else None
-        if key is None and len(keys) == 1:
-            key = keys[0]  # an .npy, or an .npz of one array
-        if key is None:
-            raise DatasetError(
-                f"{what} holds arrays {keys}; name the images 'images' (or {split!r})"
-            )
-        loaded = image_io.load_arrays(path, [key])[key]
+        key, label_key = _npz_keys(keys, split, what)
+        names = [key, label_key] if label_key in keys else [key]
+        loaded = image_io.load_arrays(path, names)
     except (OSError, image_io.ArrayFileError) as e:
         raise DatasetError(f'{what} is not a readable .npz/.npy without pickles: {e}') from None
-    images = loaded[..., None] if loaded.ndim == 3 else loaded
+    images = loaded[key][..., None] if loaded[key].ndim == 3 else loaded[key]
     _check_images(images, data_config, what)
-    return images
+    labels = loaded.get(label_key)
+    if labels is not None:
+        if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(
+                f'{what}: {label_key!r} must be integers [{len(images)}], one per image; found '
+                f'{labels.dtype} {list(labels.shape)}'
+            )
+        labels = labels.astype(np.int32)
+    return images, labels
 
 
-def _load_folder(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+def _split_root(data_config: ml_collections.ConfigDict, split: str) -> str:
+    """The folder a 'folder' split reads: `<path>/<split>/` when it exists, else `<path>`."""
     root = _require_path(data_config)
     if not os.path.isdir(root):
         raise DatasetError(f"dataset 'folder': {root} is not a folder; check --config.data.path")
-    if os.path.isdir(os.path.join(root, split)):
-        root = os.path.join(root, split)
+    return os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
+
+
+def _folder_classes(root: str, paths: list[str]) -> list[str] | None:
+    """The sorted subfolders of `root` holding `paths`; None if an image lies in `root`."""
+    parts = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    if not parts or any(len(p) == 1 for p in parts):
+        return None
+    return sorted({p[0] for p in parts})
+
+
+def _load_folder(data_config: ml_collections.ConfigDict, split: str) -> Labelled:
+    root = _split_root(data_config, split)
     size, channels = data_config.image_size, data_config.num_channels
     if channels not in (1, 3):
         raise DatasetError(
             f"dataset 'folder' reads RGB or grey images, not data.num_channels={channels}; "
             'set --config.data.num_channels=3 (or 1)'
         )
-    images = _read_images(_image_paths(root), size, 'L' if channels == 1 else 'RGB')
+    paths = _image_paths(root)
+    images, kept = _read_images(paths, size, 'L' if channels == 1 else 'RGB')
     if not images:
         raise DatasetError(
             f"dataset 'folder': no PNG/JPEG images found in {root}; check --config.data.path"
         )
-    return np.stack(images).reshape(-1, size, size, channels)
+    classes, labels = _folder_classes(root, paths), None
+    if classes is not None:
+        ids = {name: i for i, name in enumerate(classes)}
+        first = [os.path.relpath(paths[i], root).split(os.sep)[0] for i in kept]
+        labels = np.asarray([ids[name] for name in first], np.int32)
+    return np.stack(images).reshape(-1, size, size, channels), labels
 
 
 def _image_paths(root: str) -> list[str]:
@@ -181,12 +261,16 @@ def _image_paths(root: str) -> list[str]:
     return regular
 
 
-def _read_images(paths: list[str], size: int, mode: str) -> list[np.ndarray]:
-    """`_read_image` of each path; broken and oversized files are skipped with a warning."""
-    images, unreadable, too_large = [], [], []
-    for path in paths:
+def _read_images(paths: list[str], size: int, mode: str) -> tuple[list[np.ndarray], list[int]]:
+    """(`_read_image` of each path, the indices of the paths read).
+
+    Broken and oversized files are skipped with a warning.
+    """
+    images, kept, unreadable, too_large = [], [], [], []
+    for index, path in enumerate(paths):
         try:
             images.append(_read_image(path, size, mode))
+            kept.append(index)
         except _TooLargeError as e:
             too_large.append(f'{path} ({e})')
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
@@ -200,7 +284,7 @@ def _read_images(paths: list[str], size: int, mode: str) -> list[np.ndarray]:
             'pixels (PIL.Image.MAX_IMAGE_PIXELS), e.g. %s; downscale them first'
         )
         logging.warning(message, len(too_large), f'{_max_pixels():,}', too_large[0])
-    return images
+    return images, kept
 
 
 class _TooLargeError(Exception):
@@ -262,12 +346,13 @@ def train_iterator(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    num_classes: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches, from global batch `start_step` on.
 
     Global batch s depends only on (seed, s) and the data, so a run resumed at `start_step` sees
     the same batches as one started at 0. Process p yields the p-th contiguous slice of each
-    global batch (in-memory sources) or a batch of its own tfds shard (tfds datasets).
+    global batch (in-memory sources and grain) or a batch of its own tfds shard (tf.data).
 
     Args:
         data_config: `config.data`.
@@ -276,9 +361,11 @@ def train_iterator(
         start_step: index of the first global batch to yield.
         process_index: this process, in [0, process_count).
         process_count: number of processes; must divide B.
+        num_classes: K > 0 adds each image's class label (`config.model.num_classes`).
 
     Yields:
-        {'image': float32 [B // process_count, S, S, C] in [-1, 1]}.
+        {'image': float32 [B // process_count, S, S, C] in [-1, 1]}, and 'label': int32
+        [B // process_count] in [0, K) when K > 0.
     """
     local = _local_batch_size(
         global_batch_size, process_index, process_count, 'config.training.batch_size'
@@ -288,23 +375,26 @@ def train_iterator(
     offset = process_index * local
     if data_config.dataset in BUILTIN_SOURCES:
         _builtin_loader(data_config)
-        images = load_images(data_config, data_config.train_split)
-        return _numpy_train(images, global_batch_size, local, offset, seed, start_step, data_config)
-    if _tfds_loader(data_config) == 'tfdata':
-        return _tfds_train(data_config, local, seed, start_step, process_index, process_count)
-    source, decode = _tfds_source(data_config, data_config.train_split)
-    indices = random_access.StreamIndices(len(source), global_batch_size, local, offset, seed)
+        images, labels = load_labelled(data_config, data_config.train_split, num_classes)
+        indices = random_access.StreamIndices(len(images), global_batch_size, local, offset, seed)
+        return _numpy_train(images, labels, indices, start_step, data_config.random_flip)
+    if tfds_data.loader(data_config) == 'tfdata':
+        return tfds_data.train(
+            data_config, local, seed, start_step, process_index, process_count, num_classes
+        )
+    records, decode, label = tfds_data.source(data_config, data_config.train_split, num_classes)
+    indices = random_access.StreamIndices(len(records), global_batch_size, local, offset, seed)
     return random_access.grain_batches(
-        source, indices, start_step, decode, random_flip=data_config.random_flip
+        records, indices, start_step, decode, random_flip=data_config.random_flip, label=label
     )
 
 
-def _numpy_train(images, batch, local, offset, seed, start_step, data_config):
-    """Yields the slice [offset, offset + local) of every global batch of the stateless stream."""
-    indices = random_access.StreamIndices(len(images), batch, local, offset, seed)
+def _numpy_train(images, labels, indices, start_step: int, random_flip: bool):
+    """Yields this process's rows of every global batch of the stateless stream."""
     for step in itertools.count(start_step):
-        flips = indices.flips(step) if data_config.random_flip else None
-        yield random_access.assemble(images[indices(step)], flips)  # [local, S, S, C]
+        rows = indices(step)
+        flips = indices.flips(step) if random_flip else None
+        yield random_access.assemble(images[rows], flips, None if labels is None else labels[rows])
 
 
 def eval_iterator(
@@ -314,6 +404,7 @@ def eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_examples: int | None = None,
+    num_classes: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over `data_config.eval_split`, in order, without flips.
 
@@ -329,33 +420,43 @@ def eval_iterator(
         process_count: number of processes; must divide batch_size.
         num_examples: evaluate only this many examples in total (each process takes its even
             share from the start of its shard); None: the whole split.
+        num_classes: K > 0 adds each image's class label, as `train_iterator`.
 
     Yields:
-        {'image': float32 [b, S, S, C] in [-1, 1]} with b <= batch_size // process_count.
+        {'image': float32 [b, S, S, C] in [-1, 1]} (and 'label': int32 [b] when K > 0) with
+        b <= batch_size // process_count.
     """
     local = _local_batch_size(batch_size, process_index, process_count, 'config.eval.batch_size')
     share = None
     if num_examples is not None:
         share = num_examples // process_count + (process_index < num_examples % process_count)
+    split = data_config.eval_split
     if data_config.dataset in BUILTIN_SOURCES:
         _builtin_loader(data_config)
-        images = load_images(data_config, data_config.eval_split)
-        read = images.__getitem__
-    elif _tfds_loader(data_config) == 'tfdata':
-        return _tfds_eval(data_config, local, process_index, process_count, share)
+        images, labels = load_labelled(data_config, split, num_classes)
+        n = len(images)
+
+        def read(rows: slice) -> dict[str, np.ndarray]:
+            return random_access.assemble(
+                images[rows], None, None if labels is None else labels[rows]
+            )
+
+    elif tfds_data.loader(data_config) == 'tfdata':
+        return tfds_data.evaluate(
+            data_config, local, process_index, process_count, share, num_classes
+        )
     else:
-        images, decode = _tfds_source(data_config, data_config.eval_split)
+        records, decode, label = tfds_data.source(data_config, split, num_classes)
+        n = len(records)
 
-        def read(rows: slice) -> np.ndarray:
-            return np.stack([decode(images[i]) for i in range(rows.start, rows.stop)])
+        def read(rows: slice) -> dict[str, np.ndarray]:
+            return random_access.read_rows(records, range(rows.start, rows.stop), decode, label)
 
-    n = len(images)
     start = process_index * (n // process_count) + min(process_index, n % process_count)
     stop = start + n // process_count + (process_index < n % process_count)
     if share is not None:
         stop = min(stop, start + share)
-    rows = (slice(i, min(i + local, stop)) for i in range(start, stop, local))
-    return ({'image': image_io.to_float(read(part))} for part in rows)
+    return (read(slice(i, min(i + local, stop))) for i in range(start, stop, local))
 
 
 def _builtin_loader(data_config: ml_collections.ConfigDict) -> None:
@@ -365,219 +466,3 @@ def _builtin_loader(data_config: ml_collections.ConfigDict) -> None:
             f"data.loader 'tfdata' reads tensorflow-datasets datasets; {data_config.dataset!r} "
             'is read in memory: use --config.data.loader=auto'
         )
-
-
-def _tfds_loader(data_config: ml_collections.ConfigDict) -> str:
-    """'grain' or 'tfdata' for a tfds dataset: `data.loader`, or for 'auto' its file format.
-
-    'auto' reads ArrayRecord datasets (random access) with grain when grain is installed, and
-    TFRecord datasets (sequential only) with tf.data.
-    """
-    if data_config.loader != 'auto':
-        return data_config.loader
-    builder = _tfds_builder(data_config, tensorflow=False)
-    if str(builder.info.file_format).lower().endswith('array_record'):
-        try:
-            import grain  # noqa: F401
-
-            return 'grain'
-        except ImportError:
-            logging.warning('grain is not installed: reading the ArrayRecord data with tf.data')
-    return 'tfdata'
-
-
-def _tfds_source(data_config: ml_collections.ConfigDict, split: str):
-    """(random-access source of `split`, record -> uint8 [S, S, C]) over a tfds ArrayRecord set."""
-    builder = _tfds_builder(data_config, tensorflow=False)
-    import tensorflow_datasets as tfds
-
-    if not str(builder.info.file_format).lower().endswith('array_record'):
-        raise DatasetError(
-            f"data.loader 'grain' needs random access, but tfds dataset {data_config.dataset!r} "
-            f'is stored as {builder.info.file_format}: prepare it as ArrayRecord (tfds build '
-            f'{data_config.dataset} --file_format=array_record, see launch/README.md) or use '
-            '--config.data.loader=tfdata'
-        )
-    try:
-        source = tfds.data_source(data_config.dataset, split=split, data_dir=data_config.data_dir)
-    except (ValueError, KeyError) as e:
-        raise DatasetError(
-            f'tfds dataset {data_config.dataset!r} cannot read split {split!r} ({e}); its '
-            f'splits are {sorted(builder.info.splits)}'
-        ) from None
-    size = data_config.image_size
-    return source, lambda record: _square(record['image'], size)
-
-
-def _square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, C] -> [size, size, C]: center square crop, bicubic resize (Pillow)."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    square = image[top : top + s, left : left + s]
-    if s == size:
-        return square
-    grey = square.shape[-1] == 1
-    resized = Image.fromarray(square[..., 0] if grey else square).resize(
-        (size, size), Image.Resampling.BICUBIC
-    )
-    out = np.asarray(resized, np.uint8)
-    return out[..., None] if grey else out
-
-
-def _tfds_builder(data_config: ml_collections.ConfigDict, *, tensorflow: bool = True):
-    """tfds.builder for data_config.dataset, with DatasetError for unknown names.
-
-    `tensorflow=False` (the grain reader's) needs tensorflow-datasets only, not TensorFlow.
-    """
-    try:  # lazy: the package must not load TF
-        import tensorflow_datasets as tfds
-
-        tf = importlib.import_module('tensorflow') if tensorflow else None
-    except ImportError as e:
-        raise DatasetError(
-            f'dataset {data_config.dataset!r} is read with tensorflow-datasets, which is not '
-            f'installed ({e}); install the extra: pip install "diffusion-jax[tfds]" (from a '
-            'checkout: pip install -e ".[tfds]"), or use a built-in source '
-            f'{list(BUILTIN_SOURCES)}'
-        ) from None
-
-    # Keep TF off the accelerators (JAX owns them); RuntimeError: TF's devices already set up.
-    if tf is not None:
-        with contextlib.suppress(RuntimeError):
-            tf.config.set_visible_devices([], 'GPU')
-    name = data_config.dataset
-    try:
-        builder = tfds.builder(name, data_dir=data_config.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DatasetError(
-            f'unknown dataset {name!r}: data.dataset is one of the built-in sources '
-            f'{list(BUILTIN_SOURCES)} or the name of any tensorflow-datasets image dataset, '
-            "e.g. 'cifar10', 'celeb_a_hq/256', 'lsun/church_outdoor' "
-            '(https://www.tensorflow.org/datasets/catalog)'
-        ) from None
-    except ValueError as e:  # e.g. an unknown config in 'name/config'
-        raise DatasetError(f'tfds cannot build dataset {name!r}: {e}') from None
-    features = builder.info.features  # a FeaturesDict: supports `in`, not .get
-    if 'image' not in features or len(features['image'].shape) != 3:
-        raise DatasetError(f"tfds dataset {name!r} has no 'image' feature of shape [H, W, C]")
-    channels = features['image'].shape[-1]
-    if channels is not None and channels != data_config.num_channels:
-        raise DatasetError(
-            f'tfds dataset {name!r} has {channels}-channel images but data.num_channels='
-            f'{data_config.num_channels}; set --config.data.num_channels={channels}'
-        )
-    return builder
-
-
-def _not_prepared_message(name: str, builder) -> str:
-    return (
-        f'tfds dataset {name!r} is not prepared: no data in {builder.data_dir}. Training never '
-        'downloads. On a machine with internet run\n'
-        f'  python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}, '
-        f"data_dir='DIR').download_and_prepare()\"   (or: tfds build {name} --data_dir=DIR)\n"
-        'For manual-download datasets (e.g. celeb_a_hq) first place the files tfds asks for in '
-        'DIR/downloads/manual/. Then copy DIR here and pass --config.data.data_dir=DIR or set '
-        'TFDS_DATA_DIR=DIR.'
-    )
-
-
-def _tfds_split(builder, data_config, key: str, index: int, count: int, seed: int | None):
-    """This process's shard of data_config.<key> as encoded image bytes (decoded later).
-
-    Training (seed set) shuffles the files with `seed` and drops the remainder so that hosts get
-    equal shards; eval (seed None) reads in order and keeps every example.
-    """
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    name, split = data_config.dataset, data_config[key]
-    options = tf.data.Options()
-    options.deterministic = True  # exact resume: the same order on every run
-    host_split = tfds.split_for_jax_process(
-        split, process_index=index, process_count=count, drop_remainder=seed is not None
-    )
-    read_config = tfds.ReadConfig(options=options, shuffle_seed=seed)
-    try:
-        ds = builder.as_dataset(
-            split=host_split,
-            shuffle_files=seed is not None,
-            read_config=read_config,
-            decoders={'image': tfds.decode.SkipDecoding()},
-        )
-    except AssertionError:  # tfds' signal for "download_and_prepare() was never run"
-        raise DatasetError(_not_prepared_message(name, builder)) from None
-    except (ValueError, KeyError) as e:
-        raise DatasetError(
-            f'tfds dataset {name!r} cannot read split {split!r} ({e}); its splits are '
-            f'{sorted(builder.info.splits)}: set --config.data.{key}=...'
-        ) from None
-    return ds.with_options(options).map(lambda example: example['image'])
-
-
-def _tf_decode(builder, encoded, size: int):
-    """Encoded image -> uint8 [size, size, C]: center square crop, then antialiased bicubic."""
-    import tensorflow as tf
-
-    image = builder.info.features['image'].decode_example(encoded)
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    s = tf.minimum(h, w)
-    square = tf.image.crop_to_bounding_box(image, (h - s) // 2, (w - s) // 2, s, s)
-
-    def resize():
-        resized = tf.image.resize(square, [size, size], method='bicubic', antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-    return tf.ensure_shape(tf.cond(tf.equal(s, size), lambda: square, resize), [size, size, None])
-
-
-def _tfds_train(data_config, local, seed, start_step, process_index, process_count):
-    builder = _tfds_builder(data_config)  # first: it says which extra a missing TF needs
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    seed = seed % (1 << 31)
-    ds = _tfds_split(builder, data_config, 'train_split', process_index, process_count, seed)
-    # Shuffle the encoded bytes; decoded bytes per image bound their size.
-    stored = builder.info.features['image'].shape
-    size, channels = data_config.image_size, data_config.num_channels
-    image_bytes = np.prod(stored) if None not in stored else size * size * channels
-    buffer = int(max(1, min(_SHUFFLE_BUFFER, _SHUFFLE_BYTES // image_bytes)))
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    # Resume replays the reading and shuffling of start_step batches but skips them before
-    # decoding: exact, and much cheaper than decoding, though slower than a seek.
-    ds = ds.enumerate().skip(start_step * local)
-
-    def to_element(index, encoded):
-        image = _tf_decode(builder, encoded, size)
-        if data_config.random_flip:
-            # Seeded by the element's position in this host's stream: resume-exact.
-            position = index * process_count + process_index
-            flip_seed = tf.stack([tf.constant(seed, tf.int64), position])
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-        return {'image': tf.cast(image, tf.float32) / 127.5 - 1.0}
-
-    ds = ds.map(to_element, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return iter(tfds.as_numpy(ds))
-
-
-def _tfds_eval(data_config, local, process_index, process_count, share):
-    builder = _tfds_builder(data_config)  # first: it says which extra a missing TF needs
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    ds = _tfds_split(builder, data_config, 'eval_split', process_index, process_count, None)
-    if share is not None:
-        ds = ds.take(share)
-
-    def to_element(encoded):
-        image = _tf_decode(builder, encoded, data_config.image_size)
-        return {'image': tf.cast(image, tf.float32) / 127.5 - 1.0}
-
-    ds = ds.map(to_element, num_parallel_calls=tf.data.AUTOTUNE).batch(local)
-    return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))

@@ -164,7 +164,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         # Sample and eval check their settings against the checkpoint's diffusion once read.
-        config_lib.validate(config, weights_from_checkpoint=_MODE.value != 'train')
+        training = _MODE.value == 'train'
+        config_lib.validate(config, weights_from_checkpoint=not training, training=training)
     except config_lib.ConfigError as e:
         errors.fail(str(e))
     workdir = _WORKDIR.value

@@ -62,11 +62,19 @@ class StreamIndices:
         return coins[self.offset : self.offset + self.local] < 0.5
 
 
-def assemble(images: np.ndarray, flips: np.ndarray | None) -> dict[str, np.ndarray]:
-    """uint8 [b, S, S, C] (rows mirrored where `flips`) -> {'image': float32 in [-1, 1]}."""
+def assemble(
+    images: np.ndarray, flips: np.ndarray | None, labels: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """uint8 [b, S, S, C] (rows mirrored where `flips`) -> {'image': float32 in [-1, 1]}.
+
+    With `labels` [b], the batch also holds 'label': int32 [b].
+    """
     if flips is not None:
         images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    return {'image': image_io.to_float(images)}
+    batch = {'image': image_io.to_float(images)}
+    if labels is not None:
+        batch['label'] = np.asarray(labels, np.int32)
+    return batch
 
 
 def grain_batches(
@@ -76,6 +84,7 @@ def grain_batches(
     decode: Callable[[Any], np.ndarray],
     *,
     random_flip: bool,
+    label: Callable[[Any], int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches from `start_step` on, read from `source` in grain threads.
 
@@ -85,14 +94,18 @@ def grain_batches(
       start_step: the first global batch.
       decode: one record of `source` -> uint8 [S, S, C].
       random_flip: mirror the rows `indices.flips` names.
+      label: one record -> its class id; None: the batches carry no labels.
 
     Yields:
-      {'image': float32 [local, S, S, C] in [-1, 1]}, one per step, forever.
+      {'image': float32 [local, S, S, C] in [-1, 1]} (and 'label': int32 [local] with
+      `label`), one per step, forever.
     """
     import grain  # lazy: only this reader needs it
 
     dataset = grain.MapDataset.range(start_step, np.iinfo(np.int64).max).map(
-        lambda step: read_step(source, indices, int(step), decode, random_flip=random_flip)
+        lambda step: read_step(
+            source, indices, int(step), decode, random_flip=random_flip, label=label
+        )
     )
     options = grain.ReadOptions(
         num_threads=GRAIN_THREADS, prefetch_buffer_size=GRAIN_PREFETCH_BATCHES
@@ -107,10 +120,25 @@ def read_step(
     decode: Callable[[Any], np.ndarray],
     *,
     random_flip: bool,
+    label: Callable[[Any], int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Global batch `step`'s rows of this process: `local` reads of `source`, nothing else."""
-    images = np.stack([decode(record) for record in _read(source, indices(step))])
-    return assemble(images, indices.flips(step) if random_flip else None)
+    flips = indices.flips(step) if random_flip else None
+    return read_rows(source, indices(step), decode, label, flips)
+
+
+def read_rows(
+    source: Any,
+    which: Sequence[int],
+    decode: Callable[[Any], np.ndarray],
+    label: Callable[[Any], int] | None = None,
+    flips: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """`assemble` of records `which` of `source`: decoded, mirrored where `flips`, labelled."""
+    records = _read(source, which)
+    images = np.stack([decode(record) for record in records])
+    labels = None if label is None else np.asarray([label(r) for r in records], np.int32)
+    return assemble(images, flips, labels)
 
 
 def _read(source: Any, which: Sequence[int]) -> list[Any]:

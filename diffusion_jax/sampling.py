@@ -7,7 +7,13 @@ the kept steps). `ddim` is Song et al. 2021, eq. 12, with noise scale eta
 the same reverse chain: every step inside one `jax.lax.scan`, so compile time and memory do not
 grow with the number of steps.
 
-Image i of a call depends only on (rng, first_index + i): its noise comes from
+Class-conditional networks (`model.num_classes` K > 0) draw image i of class `image_labels`: i mod
+K (every class in turn) or one chosen class, or the labels a caller passes. With guidance scale
+w > 0 every step runs classifier-free guidance (Ho & Salimans 2022): the network sees the batch
+twice, with its labels and with the null label K, in one call, and the prediction is
+(1 + w) out(x, y) - w out(x, null) (`guide`).
+
+Image i of a call depends only on (rng, first_index + i) and its label: its noise comes from
 `fold_in(rng, first_index + i)`, so batch size and device count do not change the images. Any
 batch size runs on any number of devices: a `Sampler` over a mesh draws the batch padded up to a
 multiple of the device count (the extra rows are images first_index + batch_size, ...) and
@@ -61,6 +67,55 @@ def respace(
     )
 
 
+def image_labels(indices: Any, num_classes: int, class_label: int) -> Any:
+    """The label of each image index [N] (NumPy or JAX): i mod K for -1, else `class_label`."""
+    if class_label < 0:
+        return indices % num_classes
+    return indices * 0 + class_label
+
+
+def guide(cond: jax.Array, uncond: jax.Array, guidance_scale: float, channels: int) -> jax.Array:
+    """Classifier-free guidance of network outputs [B, H, W, C or 2C].
+
+    The prediction's first `channels` (eps, or x_0 / the mean for such networks: each is affine
+    in eps at fixed x_t, so the same combination) become (1 + w) cond - w uncond; a learned
+    variance (the other channels) is the conditional branch's.
+    """
+    mean = (1.0 + guidance_scale) * cond[..., :channels] - guidance_scale * uncond[..., :channels]
+    return jnp.concatenate([mean, cond[..., channels:]], axis=-1)
+
+
+def model_output(
+    model: Any,
+    params: Any,
+    x: jax.Array,
+    t: jax.Array,
+    labels: jax.Array | None = None,
+    guidance_scale: float = 0.0,
+) -> jax.Array:
+    """The network's prediction at (x [B, H, W, C], t [B]), conditioned and guided.
+
+    A conditional network (`model.num_classes` > 0) given no labels sees the null label
+    (unconditional); with `guidance_scale` > 0 both branches run as one call on 2B rows,
+    interleaved so that each device keeps its own rows.
+    """
+    num_classes = getattr(model, 'num_classes', 0)
+    if not num_classes:
+        return model.apply({'params': params}, x, t, train=False)
+    null = jnp.full(x.shape[:1], num_classes, jnp.int32)
+    labels = null if labels is None else labels
+    if not guidance_scale:
+        return model.apply({'params': params}, x, t, labels, train=False)
+
+    def twice(a):  # [B, ...] -> [2B, ...]: rows 2i and 2i + 1 are row i
+        return jnp.repeat(a, 2, axis=0)
+
+    both = jnp.stack([labels, null], axis=1).reshape(-1)  # y_0, null, y_1, null, ...
+    out = model.apply({'params': params}, twice(x), twice(t), both, train=False)
+    out = out.reshape(x.shape[0], 2, *out.shape[1:])
+    return guide(out[:, 0], out[:, 1], guidance_scale, x.shape[-1])
+
+
 def _per_image_keys(rng: jax.Array, first_index: jax.Array, batch_size: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(rng, i))(first_index + jnp.arange(batch_size))
 
@@ -79,17 +134,21 @@ def _denoise_step(
     sampler: str,
     eta: float,
     clip_denoised: bool,
+    labels: jax.Array | None = None,
+    guidance_scale: float = 0.0,
 ) -> StepFn:
     """Step i of the chain: the model at timestep `model_t[i]`, then `sampler`'s update.
 
     `d` is the diffusion whose tables step i indexes (respaced for fewer steps than T) and
-    `noise(i)` the z [B, H, W, C] of step i.
+    `noise(i)` the z [B, H, W, C] of step i. `labels` [B] and `guidance_scale` condition a
+    class-conditional network (`model_output`).
     """
     model_t = jnp.asarray(model_t, jnp.int32)
 
     def step(x, i):
         batch = x.shape[0]
-        out = model.apply({'params': params}, x, jnp.full((batch,), model_t[i]), train=False)
+        t_model = jnp.full((batch,), model_t[i])
+        out = model_output(model, params, x, t_model, labels, guidance_scale)
         t = jnp.full((batch,), i, jnp.int32)
         if sampler == 'ancestral':
             return diffusion_lib.p_sample(d, out, x, t, noise(i), clip_denoised=clip_denoised)
@@ -138,23 +197,38 @@ def _sample_chain(
     params: Any,
     rng: jax.Array,
     first_index: jax.Array,
+    labels: jax.Array | None = None,
     *,
     rows: int,
     mesh: Mesh | None,
     image_shape: tuple[int, int, int],
     num_steps: int,
     num_frames: int,
+    class_label: int,
     **step_kwargs: Any,
 ) -> Samples:
     """Images first_index, ..., first_index + rows - 1: [rows, H, W, C] (and the trajectory).
 
-    `step_kwargs` are `_denoise_step`'s model, d, model_t, sampler, eta and clip_denoised.
+    A conditional network draws the rows of `labels` [n <= rows] with those labels and the
+    others with `image_labels`. `step_kwargs` are `_denoise_step`'s model, d, model_t, sampler,
+    eta, clip_denoised and guidance_scale.
     """
     keys = _per_image_keys(rng, first_index, rows)
+    num_classes = getattr(step_kwargs['model'], 'num_classes', 0)
+    y = None
+    if num_classes:
+        y = image_labels(first_index + jnp.arange(rows), num_classes, class_label)
+        if labels is not None:
+            y = y.at[: labels.shape[0]].set(labels)
     if mesh is not None:  # every device runs the whole chain on its slice of the batch
         keys = jax.lax.with_sharding_constraint(keys, parallel.batch_sharding(mesh))
+        if y is not None:
+            y = jax.lax.with_sharding_constraint(y, parallel.batch_sharding(mesh))
     step = _denoise_step(
-        params=params, noise=lambda i: _normal_per_image(keys, i + 1, image_shape), **step_kwargs
+        params=params,
+        noise=lambda i: _normal_per_image(keys, i + 1, image_shape),
+        labels=y,
+        **step_kwargs,
     )
     x_init = _normal_per_image(keys, 0, image_shape)
     x, traj = _reverse_chain(step, x_init, num_steps, num_frames=num_frames)
@@ -162,22 +236,31 @@ def _sample_chain(
 
 
 class Sampler:
-    """A compiled sampler: `sampler(params, rng, first_index=0)` -> [batch_size, H, W, C].
+    """A compiled sampler: `sampler(params, rng, first_index=0, labels=None)` -> images.
 
     Over a mesh the chain runs on `padded_size` rows, `batch_size` rounded up to a multiple of the
-    device count, sharded along the batch; parameters and rng are replicated. Row i is image
-    first_index + i whatever the padding, so the padding changes no image.
+    device count, sharded along the batch; parameters, rng and labels are replicated. Row i is
+    image first_index + i whatever the padding, so the padding changes no image.
 
     Attributes:
       batch_size: images per call.
       padded_size: rows the chain computes per call (`batch_size` without a mesh).
       mesh: the device mesh, or None for default placement.
+      num_classes: K of a class-conditional network, else 0.
     """
 
-    def __init__(self, chain: Callable[..., Any], *, batch_size: int, mesh: Mesh | None):
-        """`chain(params, rng, first_index, rows=n)` draws images first_index, ... (n rows)."""
+    def __init__(
+        self,
+        chain: Callable[..., Any],
+        *,
+        batch_size: int,
+        mesh: Mesh | None,
+        num_classes: int = 0,
+    ):
+        """`chain(params, rng, first_index[, labels], rows=n)` draws images first_index, ..."""
         self.batch_size = batch_size
         self.mesh = mesh
+        self.num_classes = num_classes
         devices = 1 if mesh is None else mesh.size
         self.padded_size = -(-batch_size // devices) * devices
         padded = functools.partial(chain, rows=self.padded_size)
@@ -185,7 +268,7 @@ class Sampler:
             self._padded = self._exact = jax.jit(padded)
             return
         replicated = parallel.replicated(mesh)
-        shard = functools.partial(jax.jit, in_shardings=(replicated, replicated, replicated))
+        shard = functools.partial(jax.jit, in_shardings=replicated)  # every argument
         self._padded = shard(padded, out_shardings=parallel.batch_sharding(mesh))
         if self.padded_size == batch_size:
             self._exact = self._padded
@@ -196,23 +279,62 @@ class Sampler:
 
             self._exact = shard(cut, out_shardings=replicated)
 
-    def __call__(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Samples:
-        """Images first_index, ...: [batch_size, H, W, C] in [-1, 1] (or (images, trajectory))."""
-        return self._exact(params, rng, jnp.asarray(first_index, jnp.int32))
+    def _labels(self, labels: Any) -> tuple[jax.Array, ...]:
+        """() or (labels,): checked caller labels, int [batch_size] in [0, K] (K: the null label).
+
+        Without labels the compiled program takes three arguments, as it always has.
+        """
+        if labels is None:
+            return ()
+        if not self.num_classes:
+            raise ValueError('labels given to the sampler of an unconditional network')
+        if isinstance(labels, np.ndarray | list | tuple):
+            values = np.asarray(labels)
+            if values.shape != (self.batch_size,) or not np.issubdtype(values.dtype, np.integer):
+                raise ValueError(
+                    f'labels must be integers [{self.batch_size}] (one per image of the batch), '
+                    f'got {values.dtype} {list(values.shape)}'
+                )
+            if values.size and (values.min() < 0 or values.max() > self.num_classes):
+                raise ValueError(
+                    f'labels must be in [0, {self.num_classes}] ({self.num_classes}: the null '
+                    f'label, unconditional), got {values.min()}..{values.max()}'
+                )
+        return (jnp.asarray(labels, jnp.int32),)
+
+    def __call__(
+        self,
+        params: Any,
+        rng: jax.Array,
+        first_index: int | jax.Array = 0,
+        labels: Any = None,
+    ) -> Samples:
+        """Images first_index, ...: [batch_size, H, W, C] in [-1, 1] (or (images, trajectory)).
+
+        `labels`: int [batch_size], the class of each image of a conditional network (None:
+        `image_labels` of the sampler's class_label).
+        """
+        index = jnp.asarray(first_index, jnp.int32)
+        return self._exact(params, rng, index, *self._labels(labels))
 
     def sample_padded(
-        self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0
+        self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0, labels: Any = None
     ) -> tuple[Samples, int]:
         """(images [padded_size, H, W, C] sharded over the mesh, batch_size): real rows first.
 
         For consumers that keep streaming the batch on the devices; rows from `batch_size` on
         are images first_index + batch_size, ..., valid draws that the caller drops.
         """
-        return self._padded(params, rng, jnp.asarray(first_index, jnp.int32)), self.batch_size
+        index = jnp.asarray(first_index, jnp.int32)
+        return self._padded(params, rng, index, *self._labels(labels)), self.batch_size
 
-    def lower(self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0) -> Any:
-        """Ahead-of-time lowering of `__call__`: `.compile()(params, rng, np.int32(i))`."""
-        return self._exact.lower(params, rng, jnp.asarray(first_index, jnp.int32))
+    def lower(
+        self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0, labels: Any = None
+    ) -> Any:
+        """Ahead-of-time lowering of `__call__`: `.compile()(params, rng, np.int32(i))` (plus the
+        labels when lowered with labels)."""
+        index = jnp.asarray(first_index, jnp.int32)
+        return self._exact.lower(params, rng, index, *self._labels(labels))
 
 
 def make_sample_fn(
@@ -227,8 +349,10 @@ def make_sample_fn(
     clip_denoised: bool = True,
     return_trajectory: bool = False,
     mesh: Mesh | None = None,
+    class_label: int = -1,
+    guidance_scale: float = 0.0,
 ) -> Sampler:
-    """Returns a `Sampler`: `sampler(params, rng, first_index=0)`, jitted.
+    """Returns a `Sampler`: `sampler(params, rng, first_index=0, labels=None)`, jitted.
 
     Args:
       model: linen module, `model.apply({'params': p}, x, t, train=False)`.
@@ -242,13 +366,15 @@ def make_sample_fn(
       return_trajectory: also return predicted x_0 at `NUM_TRAJECTORY_FRAMES` evenly spaced
         steps, [B, K, H, W, C], first frame the noisiest.
       mesh: shard the batch over this device mesh (`parallel.create_mesh()`), parameters
-        replicated; a batch that does not divide over its devices is padded and cut (see
-        `Sampler`). None: default placement.
+        replicated; any batch size (see `Sampler`). None: default placement.
+      class_label: a conditional network's default labels (`image_labels`): -1 gives image i
+        class i mod K, a class id gives every image that class.
+      guidance_scale: classifier-free guidance w (`guide`); 0: plain conditional sampling.
 
     Returns:
-      `sampler(params, rng, first_index=0) -> images [B, H, W, C] float32 in [-1, 1]`
-      (or `(images, trajectory)`); `first_index` offsets the per-image keys. Also
-      `sampler.lower(...)` and `sampler.sample_padded(...)`.
+      `sampler(params, rng, first_index=0, labels=None) -> images [B, H, W, C] float32 in
+      [-1, 1]` (or `(images, trajectory)`); `first_index` offsets the per-image keys, `labels`
+      [B] overrides the default classes. Also `sampler.lower(...)` and `.sample_padded(...)`.
     """
     options.check_choice('sampler', sampler, options.SAMPLERS)
     num_steps = diffusion.num_timesteps if num_steps is None else num_steps
@@ -266,8 +392,11 @@ def make_sample_fn(
         sampler=sampler,
         eta=eta,
         clip_denoised=clip_denoised,
+        class_label=class_label,
+        guidance_scale=guidance_scale,
     )
-    return Sampler(chain, batch_size=batch_size, mesh=mesh)
+    num_classes = getattr(model, 'num_classes', 0)
+    return Sampler(chain, batch_size=batch_size, mesh=mesh, num_classes=num_classes)
 
 
 def make_ddim_codec(
@@ -287,23 +416,24 @@ def make_ddim_codec(
     the last steps of a schedule whose alpha_bar ends near 0 (cosine: 4e-8 at T=250) multiply
     the model's error by 1 / sqrt(alpha_bar).
 
-    Args (of both): params, and [B, H, W, C] images in [-1, 1] or latents.
+    Args (of both): params, [B, H, W, C] images in [-1, 1] or latents, and for a conditional
+    network optional labels [B] (None: the null label).
     """
     num_steps = diffusion.num_timesteps if num_steps is None else num_steps
     timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
     d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion
     model_t = jnp.asarray(timesteps, jnp.int32)
 
-    def encode(params, x0):
+    def encode(params, x0, labels=None):
         def body(x, i):
             t = jnp.full((x.shape[0],), i, jnp.int32)
-            out = model.apply({'params': params}, x, jnp.full_like(t, model_t[i]), train=False)
+            out = model_output(model, params, x, jnp.full_like(t, model_t[i]), labels)
             x = diffusion_lib.ddim_reverse_step(d, out, x, t, clip_denoised=clip_denoised)
             return x, None
 
         return jax.lax.scan(body, x0, jnp.arange(num_steps))[0]
 
-    def decode(params, x_end):
+    def decode(params, x_end, labels=None):
         step = _denoise_step(
             model,
             params,
@@ -313,6 +443,7 @@ def make_ddim_codec(
             sampler='ddim',
             eta=0.0,
             clip_denoised=clip_denoised,
+            labels=labels,
         )
         return _reverse_chain(step, x_end, num_steps)[0]
 
@@ -320,14 +451,15 @@ def make_ddim_codec(
 
 
 def make_score_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion) -> Callable:
-    """Returns `score_fn(params, x, t) = -eps(x, t) / sqrt(1 - alpha_bar_t)` (Song & Ermon link).
+    """Returns `score_fn(params, x, t, labels=None) = -eps(x, t) / sqrt(1 - alpha_bar_t)`.
 
-    x: [B, H, W, C]; t: [B] int. For x_0- or mean-predicting models eps is derived from the
+    (The Song & Ermon link.) x: [B, H, W, C]; t: [B] int; labels: [B] for a conditional network
+    (None: the null label). For x_0- or mean-predicting models eps is derived from the
     predicted x_0 (unclipped).
     """
 
-    def score_fn(params, x, t):
-        out = model.apply({'params': params}, x, t, train=False)
+    def score_fn(params, x, t, labels=None):
+        out = model_output(model, params, x, t, labels)
         if diffusion.model_mean_type == 'eps':
             eps = diffusion_lib.split_model_output(diffusion, out)[0]
         else:
@@ -354,7 +486,8 @@ def make_interpolate_fn(
     lambda evenly spaced in [0, 1], and each mix is denoised by the ancestral chain from t down
     to 0 (the samplers' chain, one `lax.scan` of t + 1 steps). The reverse noise of step s is
     drawn from `fold_in(split(rng)[1], s)` and shared across lambda, so neighbouring columns
-    differ only through lambda.
+    differ only through lambda. A class-conditional network interpolates with the null label,
+    its unconditional branch.
 
     Args (of `interpolate_fn`):
       x0_a, x0_b: [H, W, C] source images in [-1, 1].

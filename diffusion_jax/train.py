@@ -40,6 +40,10 @@ from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
 NUM_T_BUCKETS = 4  # loss is also reported per quarter of [0, T)
+# The label-dropout coins of step s come from fold_in(step key, this): a stream of their own, so
+# conditioning leaves the unconditional draws (t, noise, dropout) as they are.
+_LABEL_DROPOUT_STREAM = 3
+CLASSES_FILE = 'classes.json'  # the name of each class id, written for conditional runs
 
 
 def _skip_if_nonfinite(
@@ -97,25 +101,40 @@ def _whole_batch(tree: Any) -> Any:
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:]), tree)
 
 
+def drop_labels(
+    labels: jax.Array, rng: jax.Array, label_dropout: float, num_classes: int
+) -> jax.Array:
+    """Replaces each label [B] by the null id `num_classes` with probability `label_dropout`.
+
+    The coins are drawn for the whole (global) batch from `rng`, so they depend on neither the
+    device count nor the microbatches.
+    """
+    if not label_dropout:
+        return labels
+    dropped = jax.random.bernoulli(rng, label_dropout, labels.shape)
+    return jnp.where(dropped, jnp.asarray(num_classes, labels.dtype), labels)
+
+
 def _loss_and_grads(
     params: Any,
     apply_fn: Callable[..., jax.Array],
     diffusion: diffusion_lib.GaussianDiffusion,
-    batch: tuple[jax.Array, jax.Array, jax.Array],
+    batch: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None],
     dropout_rng: jax.Array,
     num_microbatches: int,
 ) -> tuple[dict[str, jax.Array], Any]:
     """(per-example losses {'loss', 'mse', 'vb'} [B], gradient of the mean loss).
 
-    `batch` is (x_start [B, H, W, C], t [B], noise [B, H, W, C]). With k = `num_microbatches`
+    `batch` is (x_start [B, H, W, C], t [B], noise [B, H, W, C], labels [B] or None for an
+    unconditional network). With k = `num_microbatches`
     > 1, a `lax.scan` runs the network on k slices of B / k examples and averages their
     gradients: the same mean-loss gradient (to float rounding) in the activation memory of one
     slice. Slice i's dropout key is `fold_in(dropout_rng, i)`.
     """
 
-    def mean_loss(params, x_start, t, noise, rng):
+    def mean_loss(params, x_start, t, noise, labels, rng):
         def model_fn(x_t, t):
-            return apply_fn({'params': params}, x_t, t, train=True, rngs={'dropout': rng})
+            return apply_fn({'params': params}, x_t, t, labels, train=True, rngs={'dropout': rng})
 
         losses = diffusion_lib.training_losses(diffusion, model_fn, x_start, t, noise)
         return jnp.mean(losses['loss']), losses
@@ -137,6 +156,23 @@ def _loss_and_grads(
     return _whole_batch(losses), grads
 
 
+def _step_inputs(batch, step_rng, diffusion, num_classes: int, label_dropout: float):
+    """((x_start, t, noise, labels or None), dropout key): what the step's network sees.
+
+    Globally shaped draws: every device gets different numbers, and the numbers do not depend
+    on how many devices share the batch.
+    """
+    x_start = batch['image']
+    t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+    t = jax.random.randint(t_rng, x_start.shape[:1], 0, diffusion.num_timesteps)
+    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    labels = None
+    if num_classes:
+        label_rng = jax.random.fold_in(step_rng, _LABEL_DROPOUT_STREAM)
+        labels = drop_labels(batch['label'], label_rng, label_dropout, num_classes)
+    return (x_start, t, noise, labels), dropout_rng
+
+
 def train_step(
     state: train_state_lib.TrainState,
     batch: dict[str, jax.Array],
@@ -146,12 +182,15 @@ def train_step(
     ema_decay: float,
     learning_rate_fn: optax.Schedule,
     num_microbatches: int = 1,
+    num_classes: int = 0,
+    label_dropout: float = 0.0,
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
     """One optimizer step on L_simple (or the configured loss).
 
     Args:
       state: the train state (replicated).
-      batch: {'image': [B, H, W, C] float32 in [-1, 1]}, the global batch (sharded).
+      batch: {'image': [B, H, W, C] float32 in [-1, 1]}, the global batch (sharded), and for a
+        class-conditional network 'label': int32 [B] in [0, num_classes).
       rng: the run's base key (replicated); the step's key is `fold_in(rng, state.step)`.
       diffusion: the diffusion.
       ema_decay: EMA decay of the parameters.
@@ -159,6 +198,9 @@ def train_step(
       num_microbatches: k slices of B / k examples through the network, gradients averaged,
         one optimizer step (`_loss_and_grads`). t and the noise are drawn for the whole batch
         first, so k changes neither.
+      num_classes: K of a class-conditional network (K is its null label); 0: unconditional.
+      label_dropout: the probability that a label is replaced by the null label (`drop_labels`,
+        coins from the step's key: a resumed run drops the same labels).
 
     Returns:
       (new state, metrics): scalar `nonfinite` (1.0 when the loss or a gradient was not finite
@@ -166,17 +208,12 @@ def train_step(
       `learning_rate`, and `loss_q0`..`loss_q3`, the loss of examples whose t falls in each
       quarter of [0, T) (NaN if a quarter got no example).
     """
-    x_start = batch['image']
-    b = x_start.shape[0]
-    # Globally shaped draws: every device gets different numbers, and the numbers do not
-    # depend on how many devices share the batch.
-    t_rng, noise_rng, dropout_rng = jax.random.split(jax.random.fold_in(rng, state.step), 3)
-    t = jax.random.randint(t_rng, (b,), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+    step_rng = jax.random.fold_in(rng, state.step)
+    inputs, dropout_rng = _step_inputs(batch, step_rng, diffusion, num_classes, label_dropout)
     losses, grads = _loss_and_grads(
-        state.params, state.apply_fn, diffusion, (x_start, t, noise), dropout_rng, num_microbatches
+        state.params, state.apply_fn, diffusion, inputs, dropout_rng, num_microbatches
     )
-    loss = jnp.mean(losses['loss'])
+    t, loss = inputs[1], jnp.mean(losses['loss'])
     new_state = state.apply_gradients(grads=grads)
     ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
     new_state = new_state.replace(ema_params=ema)
@@ -201,6 +238,8 @@ def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
         ema_decay=config.optim.ema_decay,
         learning_rate_fn=learning_rate_fn,
         num_microbatches=config.training.num_microbatches,
+        num_classes=config.model.num_classes,
+        label_dropout=config.training.label_dropout,
     )
     replicated = parallel.replicated(mesh)
     return jax.jit(
@@ -307,6 +346,8 @@ def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn |
         image_shape=exp.image_shape,
         clip_denoised=config.sampling.clip_denoised,
         mesh=mesh,
+        class_label=config.sampling.class_label,
+        guidance_scale=config.sampling.guidance_scale,
     )
 
 
@@ -349,6 +390,7 @@ def _start(
             start_step=int(state.step),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            num_classes=config.model.num_classes,
         )
     except BaseException:
         ckpt.close()
@@ -373,11 +415,15 @@ class _Run:
     config_written: bool = False
 
     def write_config(self) -> None:
-        """`config.json`, once per run: after its first step ran (an out-of-memory batch size
-        fails that step and leaves the old file)."""
+        """`config.json` (and a conditional run's `classes.json`), once per run: after its first
+        step ran (an out-of-memory batch size fails that step and leaves the old file)."""
         if not self.config_written:
             self.files.json(os.path.join(self.workdir, 'config.json'), self.config.to_dict())
             self.config_written = True
+            if self.config.model.num_classes and self.files.is_lead:
+                names = input_pipeline.class_names(self.config.data, self.config.data.train_split)
+                if names is not None:
+                    self.files.json(os.path.join(self.workdir, CLASSES_FILE), names)
 
     def after_step(self, done: int, state, metrics: dict[str, jax.Array]) -> None:
         """Logs, checkpoints and samples as the config asks after step `done`."""
@@ -422,7 +468,15 @@ class _Run:
         rng = jax.random.fold_in(self.sample_rng, step)
         images = image_io.to_uint8(parallel.to_host(self.sample_fn(state.ema_params, rng)))
         path = os.path.join(self.workdir, 'samples', f'grid_{step:08d}.png')
-        grid = self.files.grid(path, images)
+        sampling_config, num_classes = self.config.sampling, self.config.model.num_classes
+        if num_classes:  # one row per class
+            labels = sampling.image_labels(
+                np.arange(len(images)), num_classes, sampling_config.class_label
+            )
+            images, ncol = image_io.rows_by_class(images, labels)
+            grid = self.files.grid(path, images, ncol=ncol)
+        else:
+            grid = self.files.grid(path, images)
         if grid is not None:  # the lead
             self.events.write_images(step, {'samples': grid[None]})
             logging.info('step %d: wrote %s', step, path)

@@ -29,6 +29,8 @@ from diffusion_jax.evaluation import inception
 BEST_DIR = 'best'
 # Metrics `best_metric` may name, and whether a lower value is better.
 LOWER_IS_BETTER = {'fid': True, 'inception_score': False, 'digits_fd': True, 'digits_is': False}
+# Every score an evaluation reports (a conditional digits model's accuracy besides the above).
+_SCORES = (*LOWER_IS_BETTER, 'digits_accuracy')
 
 
 class Evaluator:
@@ -98,8 +100,10 @@ class Evaluator:
                 kept.append(np.asarray(parallel.to_host(images))[:count])
         metrics: dict[str, float] = {}
         if kept and lead.LeadWriter().is_lead:
-            found = evaluate.digits_scores(np.concatenate(kept))
-            metrics.update({k: found[k] for k in ('digits_is', 'digits_fd')})
+            labels = generate.sample_labels(config, num)
+            found = evaluate.digits_scores(np.concatenate(kept), labels)
+            metrics.update({k: found[k] for k in ('digits_is', 'digits_fd', 'digits_accuracy')
+                            if k in found})  # fmt: skip
         if streamed is not None:
             found = evaluate.fid_is(config, self.mesh, streamed)
             metrics.update({k: found[k] for k in ('fid', 'inception_score') if k in found})
@@ -127,7 +131,7 @@ class Evaluator:
 
 def _same_on_every_process(metrics: dict[str, float]) -> dict[str, float]:
     """Process 0's scores on every process (the lead computes the digits metrics and FID)."""
-    names = sorted(LOWER_IS_BETTER)
+    names = sorted(_SCORES)
     values = np.asarray([float(metrics.get(k, math.nan)) for k in names], np.float64)
     if jax.process_count() > 1:  # JAX moves float32 (x64 is off): scores to 7 digits
         values = np.asarray(multihost_utils.broadcast_one_to_all(values.astype(np.float32)))

@@ -60,14 +60,16 @@ def create_train_state(
     """Initialises the model's parameters and the optimizer; the EMA starts as a copy.
 
     Args:
-      model: a linen module called as `model.apply({'params': p}, x, t, train=...)`.
+      model: a linen module called as `model.apply({'params': p}, x, t, train=...)`, or with
+        labels y as a third argument when it has `num_classes` > 0.
       tx: the optimizer.
       rng: PRNG key for the initialisation.
       image_shape: (H, W, C) of one image.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    params = jax.jit(lambda r: model.init({'params': r}, x, t, train=False)['params'])(rng)
+    y = jnp.zeros((1,), jnp.int32) if getattr(model, 'num_classes', 0) else None
+    params = jax.jit(lambda r: model.init({'params': r}, x, t, y, train=False)['params'])(rng)
     # A real copy: the EMA must not share buffers with params, which the train step donates.
     ema_params = jax.tree.map(jnp.copy, params)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema_params)

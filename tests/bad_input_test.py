@@ -104,6 +104,9 @@ class BadInputTest(parameterized.TestCase):
          ['config.model.ch: checkpoint 16, now 32', 'allow_config_change=True']),
         ('changed_diffusion', ['--config.diffusion.num_timesteps=100'],
          ['config.diffusion.num_timesteps: checkpoint 250, now 100']),
+        ('guidance_for_an_unconditional_checkpoint',
+         ['--mode=sample', '--config.sampling.guidance_scale=2.0'],
+         ['config.sampling.guidance_scale', 'class-conditional model']),
         ('missing_inception_weights',
          ['--mode=eval', '--config.eval.inception_weights=/nonexistent/inception.npz'],
          ['no Inception weights file', 'convert_inception']),
@@ -111,6 +114,16 @@ class BadInputTest(parameterized.TestCase):
     def test_refused_and_nothing_changes(self, args, fragments):
         before = _snapshot(self.workdir)
         self.assert_refused(_main(self.workdir, *args), *fragments, before=before)
+
+    def test_a_conditional_model_on_data_without_labels(self):
+        path = os.path.join(self.tmp, 'unlabelled.npz')
+        np.savez(path, images=np.zeros((8, 8, 8, 1), np.uint8))
+        fresh = os.path.join(self.tmp, 'fresh')
+        proc = _main(fresh, '--config.model.num_classes=10', '--config.data.dataset=npz',
+                     f'--config.data.path={path}')  # fmt: skip
+        before = _snapshot(self.workdir)
+        self.assert_refused(proc, 'has no class labels', 'num_classes=0', before=before)
+        self.assertFalse([p for p in _snapshot(fresh) if p.startswith('checkpoints/')])
 
     def test_missing_config_file(self):
         before = _snapshot(self.workdir)

@@ -29,6 +29,17 @@ class DigitsMetricsTest(parameterized.TestCase):
     def _noise(self, n=300, seed=0):
         return np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
 
+    def test_accuracy_is_high_against_the_true_labels_and_chance_against_shuffled_ones(self):
+        images, labels = digits.load_real_digits('heldout')
+        right = digits.digits_metrics(images, self.classifier, labels)['digits_accuracy']
+        shuffled = np.random.default_rng(0).permutation(labels)
+        wrong = digits.digits_metrics(images, self.classifier, shuffled)['digits_accuracy']
+        self.assertGreater(right, 0.95)
+        self.assertLess(wrong, 0.25)  # 10 classes: about 0.1
+        self.assertEqual(self.reference['digits_accuracy'], right)
+        with self.assertRaisesRegex(ValueError, r'labels must be \[299\]'):
+            digits.digits_metrics(images, self.classifier, labels[:5])
+
     def test_splits_are_every_sixth_digit_held_out_as_uint8(self):
         train, train_labels = digits.load_real_digits('train')
         heldout, heldout_labels = digits.load_real_digits('heldout')

@@ -24,7 +24,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 from sklearn import datasets
 
-from diffusion_jax import input_pipeline
+from diffusion_jax import input_pipeline, tfds_data
 
 
 def make_data_config(**overrides) -> ml_collections.ConfigDict:
@@ -91,6 +91,32 @@ class DigitsTest(absltest.TestCase):
         everything = levels[datasets.load_digits().images.astype(int)][..., None]
         # Train is raw[:1500] and test raw[1500:]: disjoint index sets covering all 1797.
         np.testing.assert_array_equal(np.concatenate([train, test]), everything)
+
+    def test_labels_are_the_digit_each_image_shows(self):
+        bunch = datasets.load_digits()
+        levels = (np.arange(17) * 255 + 8) // 16
+        raw = levels[bunch.images.astype(int)].reshape(len(bunch.images), -1)
+        batches = input_pipeline.train_iterator(
+            make_data_config(), global_batch_size=64, seed=0, num_classes=10
+        )
+        for _ in range(3):
+            batch = next(batches)
+            self.assertEqual(batch['label'].dtype, np.int32)
+            for image, label in zip(to_uint8(batch['image']), batch['label'], strict=True):
+                same = np.all(raw == image.reshape(-1), axis=1)  # the raw digits it can be
+                self.assertIn(label, bunch.target[same])
+        (test,) = input_pipeline.eval_iterator(make_data_config(), batch_size=300, num_classes=10)
+        np.testing.assert_array_equal(test['label'], bunch.target[-297:])
+        (unlabelled,) = input_pipeline.eval_iterator(make_data_config(), batch_size=300)
+        self.assertNotIn('label', unlabelled)
+
+    def test_more_digits_than_classes_is_refused_with_the_fix(self):
+        with self.assertRaisesRegex(
+            input_pipeline.DatasetError, r'labels 0\.\.9, outside .* 0\.\.4.*num_classes=10$'
+        ):
+            input_pipeline.train_iterator(
+                make_data_config(), global_batch_size=8, seed=0, num_classes=5
+            )
 
     def test_wrong_image_size_names_the_config_key(self):
         with self.assertRaisesRegex(input_pipeline.DatasetError, r'8x8.*data\.image_size=8'):
@@ -233,6 +259,35 @@ class NpzTest(absltest.TestCase):
         self.assertLen(input_pipeline.load_images(config, 'test'), 3)
         self.assertLen(input_pipeline.load_images(config, 'train'), 2)
 
+    def test_a_labels_array_labels_the_images_and_split_arrays_have_their_own(self):
+        images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 1), np.uint8)
+        labels = np.array([3, 1, 4, 1, 5])
+        config = make_data_config(dataset='npz', path=write_npz(
+            make_tempdir(self), 'l.npz', images=images, labels=labels))  # fmt: skip
+        batch = next(input_pipeline.train_iterator(
+            config, global_batch_size=5, seed=0, num_classes=6))  # fmt: skip
+        np.testing.assert_array_equal(batch['label'], labels[to_uint8(batch['image'])[:, 0, 0, 0]])
+        split = make_data_config(dataset='npz', path=write_npz(
+            make_tempdir(self), 's.npz', train=images[:2], train_labels=labels[:2],
+            test=images[2:], test_labels=labels[2:]))  # fmt: skip
+        self.assertEqual(input_pipeline.load_split(split, 'test')[1].tolist(), [4, 1, 5])
+
+    def test_missing_or_malformed_labels_are_refused_in_one_line(self):
+        images = np.zeros((4, 8, 8, 1), np.uint8)
+        plain = make_data_config(dataset='npz', path=write_npz(make_tempdir(self), 'p.npz',
+                                                                images=images))  # fmt: skip
+        with self.assertRaisesRegex(
+            input_pipeline.DatasetError, r'has no class labels.*num_classes=0\)$'
+        ):
+            input_pipeline.train_iterator(plain, global_batch_size=4, seed=0, num_classes=3)
+        self.assertIsNone(input_pipeline.load_split(plain, 'train')[1])  # fine unconditional
+        bad = make_data_config(dataset='npz', path=write_npz(
+            make_tempdir(self), 'b.npz', images=images, labels=np.zeros(3, int)))  # fmt: skip
+        with self.assertRaisesRegex(
+            input_pipeline.DatasetError, r"'labels' must be integers \[4\]"
+        ):
+            input_pipeline.load_split(bad, 'train')
+
     def test_wrong_size_names_the_file_shape_and_image_size_key(self):
         path = write_npz(make_tempdir(self), 'm.npz', images=np.zeros((4, 28, 28, 1), np.uint8))
         config = make_data_config(dataset='npz', path=path, image_size=32)
@@ -306,6 +361,27 @@ class FolderTest(absltest.TestCase):
         self.config = make_data_config(
             dataset='folder', path=self.root, image_size=8, num_channels=3
         )
+
+    def test_one_subfolder_per_class_in_sorted_order(self):
+        for name, value in (('dog', 50), ('cat', 150), ('emu', 250)):
+            os.makedirs(os.path.join(self.root, name))
+            for i in range(2):
+                solid(8, 8, (value, value, value)).save(os.path.join(self.root, name, f'{i}.png'))
+        self.assertEqual(input_pipeline.class_names(self.config, 'train'), ['cat', 'dog', 'emu'])
+        batch = next(input_pipeline.train_iterator(
+            self.config, global_batch_size=6, seed=0, num_classes=3))  # fmt: skip
+        want = {150: 0, 50: 1, 250: 2}  # cat, dog, emu
+        got = [want[v] for v in to_uint8(batch['image'])[:, 0, 0, 0]]
+        np.testing.assert_array_equal(batch['label'], got)
+
+    def test_images_outside_class_subfolders_are_refused_for_a_conditional_model(self):
+        os.makedirs(os.path.join(self.root, 'cat'))
+        solid(8, 8, (1, 2, 3)).save(os.path.join(self.root, 'cat', 'a.png'))
+        solid(8, 8, (1, 2, 3)).save(os.path.join(self.root, 'stray.png'))
+        self.assertIsNone(input_pipeline.class_names(self.config, 'train'))
+        with self.assertRaisesRegex(input_pipeline.DatasetError, 'one subfolder per class'):
+            input_pipeline.train_iterator(self.config, global_batch_size=2, seed=0, num_classes=2)
+        self.assertLen(input_pipeline.load_images(self.config, 'train'), 2)  # unconditional
 
     def test_non_square_image_is_center_cropped(self):
         # 12x8: red 2-column border left, blue right, green centre -> the crop is all green.
@@ -400,8 +476,10 @@ def _tiny_indexed_images():
 
         def _info(self):
             image = tfds.features.Image(shape=(4, 4, 1))
+            label = tfds.features.ClassLabel(num_classes=3)
             return tfds.core.DatasetInfo(
-                builder=self, features=tfds.features.FeaturesDict({'image': image})
+                builder=self,
+                features=tfds.features.FeaturesDict({'image': image, 'label': label}),
             )
 
         def _split_generators(self, dl_manager):
@@ -412,7 +490,7 @@ def _tiny_indexed_images():
             for i in range(n):
                 image = np.full((4, 4, 1), i, np.uint8)
                 image[0, -1] = 200
-                yield i, {'image': image}
+                yield i, {'image': image, 'label': i % 3}
 
     return TinyIndexedImages
 
@@ -422,7 +500,7 @@ def prepare_tiny_tfds_dataset(data_dir: str, file_format: str = 'tfrecord') -> s
 
     `file_format` is tfds' 'tfrecord' (sequential reads) or 'array_record' (random access).
     Image i of split 'train' (40 images) or 'test' (10) is 4x4x1 with value i, except pixel
-    [0, -1] = 200: a marker that shows whether the image was mirrored.
+    [0, -1] = 200: a marker that shows whether the image was mirrored. Its label is i mod 3.
     """
     import tensorflow_datasets as tfds
 
@@ -537,6 +615,18 @@ class GrainTest(absltest.TestCase):
             values, _ = marked_indices(batch['image'])
             np.testing.assert_array_equal(values, self.expected(step, 10, 0)[5:])
 
+    def test_labels_follow_their_images_in_training_and_eval(self):
+        batches = input_pipeline.train_iterator(
+            self.tiny(random_flip=True), global_batch_size=10, seed=3, num_classes=3
+        )
+        for _ in range(5):
+            batch = next(batches)
+            np.testing.assert_array_equal(batch['label'], marked_indices(batch['image'])[0] % 3)
+        for batch in input_pipeline.eval_iterator(self.tiny(), batch_size=4, num_classes=3):
+            np.testing.assert_array_equal(batch['label'], marked_indices(batch['image'])[0] % 3)
+        with self.assertRaisesRegex(input_pipeline.DatasetError, r'3 classes.*num_classes=3'):
+            input_pipeline.train_iterator(self.tiny(), global_batch_size=10, seed=0, num_classes=2)
+
     def test_eval_is_one_ordered_pass_over_the_source(self):
         config = self.tiny(eval_split='train')
         batches = list(input_pipeline.eval_iterator(config, batch_size=16))
@@ -546,9 +636,9 @@ class GrainTest(absltest.TestCase):
         self.assertFalse(flipped.any())
 
     def test_auto_reads_array_record_with_grain_and_tfrecord_with_tf_data(self):
-        self.assertEqual(input_pipeline._tfds_loader(self.tiny(loader='auto')), 'grain')
+        self.assertEqual(tfds_data.loader(self.tiny(loader='auto')), 'grain')
         tfrecord = self.tiny(loader='auto', data_dir=self.tfrecord_dir)
-        self.assertEqual(input_pipeline._tfds_loader(tfrecord), 'tfdata')
+        self.assertEqual(tfds_data.loader(tfrecord), 'tfdata')
         a = take(input_pipeline.train_iterator(self.tiny(), global_batch_size=10, seed=0), 2)
         b = take(
             input_pipeline.train_iterator(self.tiny(loader='auto'), global_batch_size=10, seed=0),
@@ -628,6 +718,33 @@ class TfdsTest(absltest.TestCase):
         # 4 local batches of 5 = one pass over each host's 20-image shard.
         self.assertEqual([len(set(h)) for h in halves], [20, 20])
         self.assertEqual(sorted(np.concatenate(halves)), list(range(40)))
+
+    def test_prepared_tfrecords_labels_follow_their_images(self):
+        kwargs = {'global_batch_size': 10, 'seed': 0, 'num_classes': 3}
+        fresh = input_pipeline.train_iterator(self.tiny(), **kwargs)
+        batches = [next(fresh) for _ in range(6)]
+        for batch in batches:
+            self.assertEqual(batch['label'].dtype, np.int32)
+            np.testing.assert_array_equal(batch['label'], marked_indices(batch['image'])[0] % 3)
+        resumed = next(input_pipeline.train_iterator(self.tiny(), start_step=4, **kwargs))
+        np.testing.assert_array_equal(resumed['label'], batches[4]['label'])
+        for batch in input_pipeline.eval_iterator(self.tiny(), batch_size=4, num_classes=3):
+            np.testing.assert_array_equal(batch['label'], marked_indices(batch['image'])[0] % 3)
+
+    def test_a_dataset_without_labels_is_refused_for_a_conditional_model(self):
+        with self.tfds.testing.mock_data(num_examples=4):
+            config = self.cifar10(dataset='celeb_a_hq/128', image_size=128)
+            with self.assertRaisesRegex(input_pipeline.DatasetError, r"no 'label' class feature"):
+                input_pipeline.train_iterator(config, global_batch_size=4, seed=0, num_classes=10)
+
+    def test_mock_cifar10_labels_are_the_datasets(self):
+        with self.tfds.testing.mock_data(num_examples=16):
+            ds = self.tfds.builder('cifar10').as_dataset(split='test', shuffle_files=False)
+            raw = list(self.tfds.as_numpy(ds))
+            config = self.cifar10()
+            (batch,) = input_pipeline.eval_iterator(config, batch_size=16, num_classes=10)
+        np.testing.assert_array_equal(to_uint8(batch['image']), [ex['image'] for ex in raw])
+        np.testing.assert_array_equal(batch['label'], [ex['label'] for ex in raw])
 
     def test_prepared_tfrecords_eval_is_one_pass_without_flips(self):
         batches = [
@@ -732,7 +849,7 @@ class TfdsTest(absltest.TestCase):
         image[:, :2], image[:, 2:10], image[:, 10:] = [255, 0, 0], [0, 255, 0], [0, 0, 255]
         builder = self.tfds.builder('lsun/church_outdoor', data_dir=self.data_dir)  # [?, ?, 3]
         encoded = tf.io.encode_png(tf.constant(image))
-        cropped = input_pipeline._tf_decode(builder, encoded, 8).numpy()
+        cropped = tfds_data.decode_image(builder, encoded, 8).numpy()
         np.testing.assert_array_equal(cropped, np.broadcast_to([0, 255, 0], (8, 8, 3)))
 
 

@@ -55,6 +55,10 @@ def _model() -> ml_collections.ConfigDict:
     # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
     # embedding spans the same range for any T. Defines the weights' meaning.
     model.rescale_timesteps = False
+    # Class-conditional when > 0: a learned embedding of the label (K classes plus one "null"
+    # id, K, for the unconditional branch of classifier-free guidance) is added to the timestep
+    # embedding. 0: unconditional, the paper's model. Defines the weights' meaning.
+    model.num_classes = 0
     return model
 
 
@@ -86,6 +90,9 @@ def _training() -> ml_collections.ConfigDict:
     training.seed = 0
     training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
     training.allow_config_change = False  # resume although model/diffusion/image shape changed
+    # Class-conditional models: the probability that a training label is replaced by the null
+    # id, which trains the unconditional branch that classifier-free guidance needs.
+    training.label_dropout = 0.0
     # Evaluation during training (0: off): every N steps, eval_num_samples images from the EMA
     # parameters with the sampler of config.sampling (set sampler='ddim', num_steps=50 for
     # speed), scored with FID/IS (needs config.eval.inception_weights) or, on digits, the digits
@@ -127,6 +134,12 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.interpolate = ''  # 'I,J': interpolate eval images I and J (paper section 6.3)
     sampling.interpolate_t = config_dict.placeholder(int)  # step to noise them to; None: T // 2
     sampling.interpolate_num = 11  # lambdas evenly spaced in [0, 1], ends included
+    # Class-conditional models only. -1: image i gets class i mod K (every class, the same
+    # images for any batch or device count); a class id in [0, K): every image of that class.
+    sampling.class_label = -1
+    # Classifier-free guidance w (Ho & Salimans 2022): eps = (1 + w) eps(x, y) - w eps(x, null).
+    # 0: plain conditional sampling. Needs training.label_dropout > 0 to be meaningful.
+    sampling.guidance_scale = 0.0
     return sampling
 
 
@@ -142,6 +155,9 @@ def _eval() -> ml_collections.ConfigDict:
     eval_config.reference_stats = config_dict.placeholder(str)  # FID stats .npz; None: next to data
     eval_config.compute_reference = False  # compute the reference stats if they are missing
     eval_config.reference_split = 'train'  # FID against the train split, as in the paper
+    # Class-conditional models: also sample and score at each of these guidance scales w and
+    # write the trade-off as a table and a plot (eval/guidance_<step>.png); (): no sweep.
+    eval_config.guidance_sweep = ()
     return eval_config
 
 

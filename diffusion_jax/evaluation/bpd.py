@@ -21,22 +21,27 @@ import jax
 import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import image_io, parallel
+from diffusion_jax import image_io, parallel, sampling
 
 PIXEL_SCALE = 127.5  # [-1, 1] -> [0, 255]
 
 
 def make_bpd_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion, mesh) -> Any:
-    """Jitted `bpd_fn(params, x_start [B, H, W, C], rng)` -> `calc_bpd_loop`'s dict, sharded."""
+    """Jitted `bpd_fn(params, x_start [B, H, W, C], rng, labels)` -> `calc_bpd_loop`'s dict.
 
-    def bpd_fn(params, x_start, rng):
+    Sharded over `mesh`. `labels` [B] are the images' classes for a class-conditional network
+    (the bound of log p(x | y)); None for an unconditional one.
+    """
+
+    def bpd_fn(params, x_start, rng, labels):
         def model_fn(x_t, t):
-            return model.apply({'params': params}, x_t, t, train=False)
+            return sampling.model_output(model, params, x_t, t, labels)
 
         return diffusion_lib.calc_bpd_loop(diffusion, model_fn, x_start, rng)
 
     replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return jax.jit(bpd_fn, in_shardings=(replicated, batched, replicated), out_shardings=batched)
+    in_shardings = (replicated, batched, replicated, batched)
+    return jax.jit(bpd_fn, in_shardings=in_shardings, out_shardings=batched)
 
 
 def evaluate_bpd(
@@ -53,8 +58,9 @@ def evaluate_bpd(
     Args:
       bpd_fn: from `make_bpd_fn`.
       params: the (EMA) parameters.
-      batches: this process's {'image': float32 [b, H, W, C] in [-1, 1]}, b <= local batch;
-        short batches are padded with copies of their first image and the padding is dropped.
+      batches: this process's {'image': float32 [b, H, W, C] in [-1, 1]} (and 'label' int32 [b]
+        for a class-conditional network), b <= local batch; short batches are padded with
+        copies of their first image and the padding is dropped.
       mesh: the device mesh.
       batch_size: the global batch size `bpd_fn` is run at (divides over the devices).
       rng: noise of batch k is `fold_in(rng, k)`.
@@ -67,12 +73,12 @@ def evaluate_bpd(
     sums: dict[str, np.ndarray] = {}
     count = 0
     for k, batch in enumerate(batches):
-        images = batch['image']
-        n = images.shape[0]
+        n = batch['image'].shape[0]
         if n < local:
-            images = np.concatenate([images, np.repeat(images[:1], local - n, axis=0)])
-        x = parallel.global_batch({'image': images}, mesh)['image']
-        out = bpd_fn(params, x, jax.random.fold_in(rng, k))
+            batch = {key: np.concatenate([v, np.repeat(v[:1], local - n, axis=0)])
+                     for key, v in batch.items()}  # fmt: skip
+        x = parallel.global_batch(batch, mesh)
+        out = bpd_fn(params, x['image'], jax.random.fold_in(rng, k), x.get('label'))
         # Each process keeps the rows it supplied, minus the padding.
         rows = {key: np.asarray(parallel.to_host(v), np.float64) for key, v in out.items()}
         start = jax.process_index() * local
@@ -134,7 +140,7 @@ def save_plots(result: dict[str, Any], bpd_path: str, rd_path: str) -> None:
     ax.set_xlabel('t (0 = decoder term)')
     ax.set_ylabel('L_t (bits/dim)')
     ax.set_title(f'NLL bound {result["total_bpd"]:.3f} bits/dim, {result["num_images"]} images')
-    _save_figure(plt, fig, bpd_path)
+    save_figure(plt, fig, bpd_path)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].plot(np.arange(len(vb)), result['distortion_rmse'])
@@ -145,10 +151,11 @@ def save_plots(result: dict[str, Any], bpd_path: str, rd_path: str) -> None:
     axes[1].set_ylabel('distortion (RMSE, 0..255)')
     fig.suptitle('Rate-distortion (Ho et al. 2020, section 4.3)')
     fig.tight_layout()
-    _save_figure(plt, fig, rd_path)
+    save_figure(plt, fig, rd_path)
 
 
-def _save_figure(plt, fig, path: str) -> None:
+def save_figure(plt, fig, path: str) -> None:
+    """Writes a matplotlib figure as a PNG, atomically, and closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format='png', dpi=100)
     plt.close(fig)

@@ -251,7 +251,9 @@ def get_classifier(cache_dir: str | None = None) -> DigitsClassifier:
 
 
 def digits_metrics(
-    images_uint8: np.ndarray, classifier: DigitsClassifier | None = None
+    images_uint8: np.ndarray,
+    classifier: DigitsClassifier | None = None,
+    labels: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Scores digit images with the digits CNN.
 
@@ -259,11 +261,13 @@ def digits_metrics(
       images_uint8: [N, 8, 8, 1] uint8 in 0..255, N >= 2 (e.g. samples via round((x + 1) *
         127.5)).
       classifier: a `DigitsClassifier`; None means `get_classifier()` (default cache folder).
+      labels: [N] the digit each image should show (a conditional model's labels), or None.
 
     Returns:
       {'digits_is': exp(E KL(p(y|x) || p(y))) in [1, 10] over one split,
        'digits_fd': Frechet distance of the images' features to the real train split's,
-       'num_images': N}.
+       'num_images': N}, and with `labels` 'digits_accuracy': the fraction of images the
+      classifier reads as their label.
     """
     if classifier is None:
         classifier = get_classifier()
@@ -277,9 +281,15 @@ def digits_metrics(
         stats.mean, stats.covariance, reference.mean, reference.covariance
     )
     digits_is, _ = fid.inception_score(logits, splits=1)
-    return {'digits_is': digits_is, 'digits_fd': digits_fd, 'num_images': features.shape[0]}
+    metrics = {'digits_is': digits_is, 'digits_fd': digits_fd, 'num_images': features.shape[0]}
+    if labels is not None:
+        if np.shape(labels) != (features.shape[0],):
+            raise ValueError(f'labels must be [{features.shape[0]}], got {np.shape(labels)}')
+        metrics['digits_accuracy'] = float(np.mean(np.argmax(logits, axis=1) == labels))
+    return metrics
 
 
 def real_digits_reference(classifier: DigitsClassifier | None = None) -> dict[str, float | int]:
-    """`digits_metrics` of the real held-out digits: the scale a good sampler approaches."""
-    return digits_metrics(load_real_digits('heldout')[0], classifier)
+    """`digits_metrics` of the real held-out digits (accuracy included): the scale to approach."""
+    images, labels = load_real_digits('heldout')
+    return digits_metrics(images, classifier, labels)

@@ -52,4 +52,5 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         cudnn_max_head_dim=layers.cudnn_max_head_dim(),
         remat=m.remat,
         timestep_scale=1000.0 / config.diffusion.num_timesteps if m.rescale_timesteps else 1.0,
+        num_classes=m.num_classes,
     )

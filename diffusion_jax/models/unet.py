@@ -38,6 +38,10 @@ class UNet(nn.Module):
             storing its activations (`nn.remat`): less memory, the same parameters and outputs.
         timestep_scale: the network embeds t * timestep_scale (1000 / T for Improved DDPM's
             `rescale_timesteps`); 1.0 embeds t itself.
+        num_classes: K > 0 makes the network class-conditional: a learned embedding of the label
+            y in [0, K] (K is the "null" label of the unconditional branch) is added to the
+            timestep embedding, as Improved DDPM's `label_emb`. 0: unconditional, no such
+            parameters.
     """
 
     ch: int
@@ -53,6 +57,7 @@ class UNet(nn.Module):
     cudnn_max_head_dim: int | None = None
     remat: bool = False
     timestep_scale: float = 1.0
+    num_classes: int = 0
 
     def _resnet_block(self, out_ch: int | None, name: str) -> layers.ResnetBlock:
         cls = layers.RematResnetBlock if self.remat else layers.ResnetBlock
@@ -140,13 +145,37 @@ class UNet(nn.Module):
         assert not hs, 'every skip connection must be consumed'
         return h
 
+    def _label_embedding(self, y: jax.Array | None, batch: int) -> jax.Array | None:
+        """[B] labels -> [B, 4 ch] (None for an unconditional network); checks y is given."""
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError('labels y given to an unconditional network (num_classes=0)')
+            return None
+        if y is None:
+            raise ValueError(
+                f'this network is class-conditional ({self.num_classes} classes): pass labels y '
+                f'[B] in [0, {self.num_classes}], {self.num_classes} being the null label'
+            )
+        chex.assert_shape(y, (batch,))
+        return nn.Embed(
+            self.num_classes + 1,
+            4 * self.ch,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='label_emb',
+        )(y)
+
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+    ) -> jax.Array:
         """Predicts the output for a batch of noisy images.
 
         Args:
             x: [B, H, W, C] float images (x_t), H = W divisible by 2^(len(ch_mult) - 1).
             t: [B] integer timesteps, 0-indexed.
+            y: [B] integer class labels in [0, num_classes] (num_classes: the null label) for a
+                class-conditional network; None for an unconditional one.
             train: enables dropout (rng collection 'dropout').
 
         Returns:
@@ -162,6 +191,9 @@ class UNet(nn.Module):
                 f'ch_mult={self.ch_mult}; got {height}x{width}'
             )
         temb = self._timestep_mlp(t)
+        label_emb = self._label_embedding(y, batch)
+        if label_emb is not None:
+            temb = temb + label_emb
         hs = self._down_path(x, temb, train)
 
         h = self._resnet_block(None, 'mid_block_1')(hs[-1], temb, train)

@@ -1,0 +1,10 @@
+"""Class-conditional cifar10 with guidance: `--config=configs/cifar10_conditional.py`.
+
+The config itself is `diffusion_jax/configs/cifar10_conditional.py`, inside the package, so that a
+wheel install and `diffusion_jax.convert` have it too; this file lets the command line name it by
+path.
+"""
+
+from diffusion_jax.configs.cifar10_conditional import get_config
+
+__all__ = ['get_config']
