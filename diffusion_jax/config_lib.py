@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import ml_collections
 from absl import logging
 
-from diffusion_jax import errors, options
+from diffusion_jax import errors, options, spacing
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -37,11 +37,16 @@ class FloatTuple(tuple):
     """The schema type of a tuple (or list) of numbers, such as guidance scales."""
 
 
+class Respacing:
+    """The schema type of a respacing (`spacing.kept_timesteps`): an int, str or int tuple."""
+
+
 class Field(NamedTuple):
     """What one config key may hold.
 
     `type` is int, float (ints accepted), bool, str, tuple (a tuple or list of ints) or
-    `FloatTuple` (a tuple or list of numbers); a bool is never an int or a float. `nullable`
+    `FloatTuple` (a tuple or list of numbers) or `Respacing` (an int, a string or a tuple of
+    ints; checked against T by `_check_num_steps`); a bool is never an int or a float. `nullable`
     allows None (`config_dict.placeholder` fields). `choices` lists a string enum's values.
     `bounds` is a numeric range in interval notation, '[0, 1)' or '(0, inf)', applied to every
     entry of a tuple. `nonempty` rejects '' and ().
@@ -96,6 +101,7 @@ SCHEMA: dict[str, Field] = {
     'training.keep_checkpoints': Field(int, bounds=_POSITIVE),
     'training.sample_every_steps': Field(int, bounds=_NON_NEGATIVE),  # 0 disables
     'training.seed': Field(int),
+    'training.t_sampler': Field(str, choices=options.T_SAMPLERS),
     'training.max_nonfinite_steps': Field(int, bounds=_POSITIVE),
     'training.allow_config_change': Field(bool),
     'training.label_dropout': Field(float, bounds='[0, 1)'),  # _check_conditioning
@@ -112,7 +118,8 @@ SCHEMA: dict[str, Field] = {
     'optim.eps': Field(float, bounds='(0, inf)'),
     'optim.ema_decay': Field(float, bounds='[0, 1)'),
     'sampling.sampler': Field(str, choices=options.SAMPLERS),
-    'sampling.num_steps': Field(int, nullable=True, bounds=_POSITIVE),  # <= T: _check_num_steps
+    'sampling.num_steps': Field(Respacing, nullable=True),  # against T: _check_num_steps
+    'sampling.spacing': Field(str, choices=spacing.SPACINGS),
     'sampling.eta': Field(float, bounds=_NON_NEGATIVE),
     'sampling.clip_denoised': Field(bool),
     'sampling.num_samples': Field(int, bounds=_POSITIVE),
@@ -127,6 +134,7 @@ SCHEMA: dict[str, Field] = {
     'eval.batch_size': Field(int, bounds=_POSITIVE),
     'eval.bpd': Field(bool),
     'eval.num_bpd_images': Field(int, nullable=True, bounds=_POSITIVE),
+    'eval.bpd_num_steps': Field(Respacing, nullable=True),  # against T: _check_num_steps
     'eval.num_samples': Field(int, bounds=_NON_NEGATIVE),
     'eval.inception_weights': Field(str, nullable=True),
     'eval.inception_sha256': Field(str),
@@ -148,6 +156,7 @@ _NAMES = {
     str: 'a str',
     tuple: 'a tuple of ints',
     FloatTuple: 'a tuple of numbers',
+    Respacing: "an int, 'ddimN', a section string such as '10,15,20' or a tuple of ints",
 }
 _MISSING = object()
 
@@ -203,6 +212,8 @@ def _has_type(value: Any, expected: type) -> bool:
         return isinstance(value, numbers.Real)
     if expected is str:
         return isinstance(value, str)
+    if expected is Respacing and (_has_type(value, int) or isinstance(value, str)):
+        return True
     entry = float if expected is FloatTuple else int
     return isinstance(value, tuple | list) and all(_has_type(x, entry) for x in value)
 
@@ -368,10 +379,21 @@ def _check_weight_decay(v: dict[str, Any]) -> Iterator[str]:
 
 
 def _check_num_steps(v: dict[str, Any]) -> Iterator[str]:
-    steps, num_timesteps = v.get('sampling.num_steps'), v.get('diffusion.num_timesteps')
-    if steps is not None and num_timesteps is not None and steps > num_timesteps:
-        what = f'{steps} exceeds diffusion.num_timesteps {num_timesteps}'
-        yield _line('sampling.num_steps', what, f'use at most {num_timesteps}, or None for all T')
+    """Each respacing must keep a valid subset of the T timesteps."""
+    num_timesteps, how = v.get('diffusion.num_timesteps'), v.get('sampling.spacing', 'even')
+    for key in ('sampling.num_steps', 'eval.bpd_num_steps'):
+        steps = v.get(key)
+        if steps is None or num_timesteps is None:
+            continue
+        if _has_type(steps, int) and steps > num_timesteps:
+            what = f'{steps} exceeds diffusion.num_timesteps {num_timesteps}'
+            yield _line(key, what, f'use at most {num_timesteps}, or None for all T')
+            continue
+        try:
+            spacing.kept_timesteps(num_timesteps, steps, how)
+        except ValueError as e:
+            fix = f'keep at most T={num_timesteps} steps, or None for all T'
+            yield _line(key, f'{steps!r}: {e}', fix)
 
 
 def _check_label_dropout(v: dict[str, Any]) -> Iterator[str]:
@@ -604,6 +626,22 @@ def weight_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) ->
         if old is _MISSING or old != new:
             shown = 'absent' if old is _MISSING else repr(old)
             changes.append(f'config.{key}: checkpoint {shown}, now {new!r}')
+    return changes
+
+
+# Training keys that shape the train state beside the network (with the value that checkpoints
+# without the key had): a run resumes only with the checkpoint's value.
+STATE_KEYS = {'training.t_sampler': 'uniform'}
+
+
+def state_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """'config.<key>: checkpoint <old>, now <new>' for each `STATE_KEYS` key that differs."""
+    changes = []
+    for key, old_default in STATE_KEYS.items():
+        section, name = key.split('.')
+        old = stored.get(section, {}).get(name, old_default)
+        if old != config[section][name]:
+            changes.append(f'config.{key}: checkpoint {old!r}, now {config[section][name]!r}')
     return changes
 
 

@@ -43,6 +43,7 @@ from diffusion_jax import (
     input_pipeline,
     lead,
     parallel,
+    spacing,
     summary,
 )
 from diffusion_jax.evaluation import bpd, fid, inception
@@ -65,7 +66,12 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
         num_examples=e.num_bpd_images,
         num_classes=config.model.num_classes,
     )
-    bpd_fn = bpd.make_bpd_fn(exp.model, exp.diffusion, mesh)
+    timesteps = None
+    if e.bpd_num_steps is not None:  # the bound of a respaced process
+        timesteps = spacing.kept_timesteps(
+            exp.diffusion.num_timesteps, e.bpd_num_steps, config.sampling.spacing
+        )
+    bpd_fn = bpd.make_bpd_fn(exp.model, exp.diffusion, mesh, timesteps)
     result = bpd.evaluate_bpd(
         bpd_fn,
         params,
@@ -82,12 +88,15 @@ def _nll(config, params, mesh, eval_dir: str, step: int) -> dict[str, Any]:
             os.path.join(eval_dir, f'bpd_per_t_{step}.png'),
             os.path.join(eval_dir, f'rate_distortion_{step}.png'),
         )
-    return {
+    metrics = {
         'nll_bpd': result['total_bpd'],
         'prior_bpd': result['prior_bpd'],
         'decoder_bpd': result['decoder_bpd'],
         'nll_images': result['num_images'],
     }
+    if timesteps is not None:
+        metrics['nll_terms'] = len(timesteps)  # the respaced bound's T
+    return metrics
 
 
 def digits_scores(samples: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:

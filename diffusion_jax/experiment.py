@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import models, parallel, sampling, schedules
+from diffusion_jax import models, parallel, sampling, schedules, timestep_sampling
 from diffusion_jax import train_state as train_state_lib
 
 
@@ -65,7 +65,9 @@ class Experiment:
 
     def init_state(self, rng: jax.Array, mesh: Mesh) -> train_state_lib.TrainState:
         """A freshly initialised TrainState, replicated over `mesh`."""
-        state = train_state_lib.create_train_state(self.model, self.tx, rng, self.image_shape)
+        state = train_state_lib.create_train_state(
+            self.model, self.tx, rng, self.image_shape, _loss_history(self.config)
+        )
         return jax.device_put(state, parallel.replicated(mesh))
 
     def sampler(
@@ -74,7 +76,7 @@ class Experiment:
         *,
         batch_size: int | None = None,
         sampler: str | None = None,
-        num_steps: int | None = None,
+        num_steps: Any = None,
         guidance_scale: float | None = None,
     ) -> sampling.Sampler:
         """The sampler `config.sampling` describes (`sampling.make_sample_fn`), over `mesh`.
@@ -90,6 +92,7 @@ class Experiment:
             image_shape=self.image_shape,
             sampler=sampler or s.sampler,
             num_steps=num_steps if num_steps is not None else s.num_steps,
+            spacing=s.spacing,
             eta=s.eta,
             clip_denoised=s.clip_denoised,
             mesh=mesh,
@@ -106,13 +109,22 @@ class Experiment:
         )
 
 
+def _loss_history(config: ml_collections.ConfigDict) -> Any:
+    """The timestep sampler's empty history, or None for uniform t."""
+    if config.training.t_sampler == 'uniform':
+        return None
+    return timestep_sampling.init_history(config.diffusion.num_timesteps)
+
+
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Builds the experiment `config` describes (a validated config; see `config_lib`)."""
     model = models.get_model(config)
     tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
     shape = image_shape(config)
     abstract_state = jax.eval_shape(
-        lambda: train_state_lib.create_train_state(model, tx, jax.random.key(0), shape)
+        lambda: train_state_lib.create_train_state(
+            model, tx, jax.random.key(0), shape, _loss_history(config)
+        )
     )
     return Experiment(
         config=config,

@@ -112,7 +112,7 @@ def load_sampler(
     step: int | None = None,
     batch_size: int | None = None,
     sampler: str | None = None,
-    num_steps: int | None = None,
+    num_steps: Any = None,
 ) -> tuple[sampling.SampleFn, Any, ml_collections.ConfigDict, int]:
     """Restores a checkpoint's EMA parameters and builds a sampler sharded over `mesh`.
 
@@ -151,7 +151,9 @@ def sample_spec(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
         'eta': s.eta,
         'clip_denoised': s.clip_denoised,
     }
-    if config.model.num_classes:  # unconditional specs keep their old form: they still resume
+    if s.spacing != 'even':  # the default keeps older specs' form: their partial runs resume
+        spec['spacing'] = s.spacing
+    if config.model.num_classes:  # likewise for unconditional specs
         spec.update(class_label=s.class_label, guidance_scale=s.guidance_scale)
     return spec
 

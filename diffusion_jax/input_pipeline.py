@@ -97,8 +97,9 @@ def check_labels(labels: np.ndarray | None, num_classes: int, what: str) -> None
         )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DatasetError(
-            f"{what} has labels {int(labels.min())}..{int(labels.max())}, outside the model's "
-            f'classes 0..{num_classes - 1}; set --config.model.num_classes={int(labels.max()) + 1}'
+            f'{what} has labels from {int(labels.min())} to {int(labels.max())}, outside the '
+            f"model's classes 0 to {num_classes - 1}; set "
+            f'--config.model.num_classes={int(labels.max()) + 1}'
         )
 
 

@@ -17,6 +17,8 @@ LEARNED_VAR_TYPES = ('learned', 'learned_range')
 LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
 OPTIMIZERS = ('adam', 'adamw')
 SAMPLERS = ('ancestral', 'ddim')
+# How training draws t: uniformly (the paper) or by Improved DDPM's loss-second-moment rule.
+T_SAMPLERS = ('loss_second_moment', 'uniform')
 LOADERS = ('auto', 'grain', 'tfdata')
 # What training may keep its best checkpoint by ('' keeps none): Inception's FID and IS, or the
 # digits classifier's FD and IS (digits only).

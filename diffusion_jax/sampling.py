@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import options, parallel
+from diffusion_jax import spacing as spacing_lib
 
 # How many predicted x_0 snapshots `return_trajectory=True` records (the paper's Figure 6).
 NUM_TRAJECTORY_FRAMES = 10
@@ -45,12 +46,8 @@ StepFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """`num_steps` evenly spaced timesteps from 0 to T-1 inclusive, increasing, unique."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f'num_steps must be in [1, {num_timesteps}], got {num_steps}')
-    if num_steps == 1:
-        return np.array([num_timesteps - 1])
-    return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
+    """`num_steps` evenly spaced timesteps from 0 to T-1 inclusive (`spacing.even_timesteps`)."""
+    return spacing_lib.even_timesteps(num_timesteps, num_steps)
 
 
 def respace(
@@ -298,7 +295,7 @@ class Sampler:
             if values.size and (values.min() < 0 or values.max() > self.num_classes):
                 raise ValueError(
                     f'labels must be in [0, {self.num_classes}] ({self.num_classes}: the null '
-                    f'label, unconditional), got {values.min()}..{values.max()}'
+                    f'label, unconditional), got {values.min()} to {values.max()}'
                 )
         return (jnp.asarray(labels, jnp.int32),)
 
@@ -344,7 +341,8 @@ def make_sample_fn(
     batch_size: int,
     image_shape: tuple[int, int, int],
     sampler: str = 'ancestral',
-    num_steps: int | None = None,
+    num_steps: Any = None,
+    spacing: str = 'even',
     eta: float = 0.0,
     clip_denoised: bool = True,
     return_trajectory: bool = False,
@@ -355,30 +353,29 @@ def make_sample_fn(
     """Returns a `Sampler`: `sampler(params, rng, first_index=0, labels=None)`, jitted.
 
     Args:
-      model: linen module, `model.apply({'params': p}, x, t, train=False)`.
-      diffusion: the diffusion the model was trained with.
-      batch_size: images per call (any number, whatever the device count).
-      image_shape: (H, W, C).
+      model, diffusion: the network (a linen module) and the diffusion it was trained with.
+      batch_size, image_shape: images per call (any number), and (H, W, C).
       sampler: 'ancestral' or 'ddim'.
-      num_steps: reverse steps; None means all T (ancestral) and is required to be <= T.
+      num_steps: which timesteps the chain keeps (`spacing.kept_timesteps`): None (all T), an
+        int <= T spread by `spacing`, 'ddimN', or Improved DDPM's sections ('10,15,20').
+      spacing: how an int `num_steps` is spread: 'even' (the default) or 'iddpm'.
       eta: DDIM noise scale (0 = deterministic); ignored by 'ancestral'.
       clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
-      return_trajectory: also return predicted x_0 at `NUM_TRAJECTORY_FRAMES` evenly spaced
-        steps, [B, K, H, W, C], first frame the noisiest.
-      mesh: shard the batch over this device mesh (`parallel.create_mesh()`), parameters
-        replicated; any batch size (see `Sampler`). None: default placement.
+      return_trajectory: also return the predicted x_0 [B, K, H, W, C] at K =
+        `NUM_TRAJECTORY_FRAMES` evenly spaced steps, the noisiest first.
+      mesh: shard the batch over this device mesh (`parallel.create_mesh()`); None: default.
       class_label: a conditional network's default labels (`image_labels`): -1 gives image i
         class i mod K, a class id gives every image that class.
       guidance_scale: classifier-free guidance w (`guide`); 0: plain conditional sampling.
 
     Returns:
-      `sampler(params, rng, first_index=0, labels=None) -> images [B, H, W, C] float32 in
-      [-1, 1]` (or `(images, trajectory)`); `first_index` offsets the per-image keys, `labels`
-      [B] overrides the default classes. Also `sampler.lower(...)` and `.sample_padded(...)`.
+      `sampler(params, rng, first_index=0, labels=None)` -> images [B, H, W, C] in [-1, 1] (or
+      `(images, trajectory)`); `first_index` offsets the per-image keys, `labels` [B] overrides
+      the default classes. Also `sampler.lower(...)` and `.sample_padded(...)`.
     """
     options.check_choice('sampler', sampler, options.SAMPLERS)
-    num_steps = diffusion.num_timesteps if num_steps is None else num_steps
-    timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
+    timesteps = spacing_lib.kept_timesteps(diffusion.num_timesteps, num_steps, spacing)
+    num_steps = len(timesteps)
     d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion
     chain = functools.partial(
         _sample_chain,
@@ -395,22 +392,23 @@ def make_sample_fn(
         class_label=class_label,
         guidance_scale=guidance_scale,
     )
-    num_classes = getattr(model, 'num_classes', 0)
-    return Sampler(chain, batch_size=batch_size, mesh=mesh, num_classes=num_classes)
+    classes = getattr(model, 'num_classes', 0)
+    return Sampler(chain, batch_size=batch_size, mesh=mesh, num_classes=classes)
 
 
 def make_ddim_codec(
     model: Any,
     diffusion: diffusion_lib.GaussianDiffusion,
     *,
-    num_steps: int | None = None,
+    num_steps: Any = None,
+    spacing: str = 'even',
     clip_denoised: bool = True,
 ) -> tuple[Callable[[Any, jax.Array], jax.Array], Callable[[Any, jax.Array], jax.Array]]:
     """(encode, decode): deterministic DDIM (eta = 0) between images and latents x_T, jitted.
 
     `encode(params, x0)` runs `diffusion.ddim_reverse_step` for t = 0, ..., S - 1 and
     `decode(params, x_T)` runs `ddim_step` with eta = 0 for t = S - 1, ..., 0, each one
-    `lax.scan`; S = `num_steps` steps spaced as `make_sample_fn` spaces them (None: all T).
+    `lax.scan`; S steps kept from `num_steps` and `spacing` as `make_sample_fn` keeps them.
     Decoding an encoding recovers the image up to the ODE's discretisation error. Clipping the
     predicted x_0 (the default, as Improved DDPM's `ddim_reverse_sample`) matters: without it
     the last steps of a schedule whose alpha_bar ends near 0 (cosine: 4e-8 at T=250) multiply
@@ -419,8 +417,8 @@ def make_ddim_codec(
     Args (of both): params, [B, H, W, C] images in [-1, 1] or latents, and for a conditional
     network optional labels [B] (None: the null label).
     """
-    num_steps = diffusion.num_timesteps if num_steps is None else num_steps
-    timesteps = spaced_timesteps(diffusion.num_timesteps, num_steps)
+    timesteps = spacing_lib.kept_timesteps(diffusion.num_timesteps, num_steps, spacing)
+    num_steps = len(timesteps)
     d = respace(diffusion, timesteps) if num_steps != diffusion.num_timesteps else diffusion
     model_t = jnp.asarray(timesteps, jnp.int32)
 

@@ -33,6 +33,7 @@ from diffusion_jax import (
     preemption,
     sampling,
     summary,
+    timestep_sampling,
     train_eval,
     workdir_lock,
 )
@@ -119,25 +120,25 @@ def _loss_and_grads(
     params: Any,
     apply_fn: Callable[..., jax.Array],
     diffusion: diffusion_lib.GaussianDiffusion,
-    batch: tuple[jax.Array, jax.Array, jax.Array, jax.Array | None],
+    batch: tuple[jax.Array, ...],
     dropout_rng: jax.Array,
     num_microbatches: int,
 ) -> tuple[dict[str, jax.Array], Any]:
-    """(per-example losses {'loss', 'mse', 'vb'} [B], gradient of the mean loss).
+    """(per-example losses {'loss', 'mse', 'vb'} [B], gradient of the mean weighted loss).
 
     `batch` is (x_start [B, H, W, C], t [B], noise [B, H, W, C], labels [B] or None for an
-    unconditional network). With k = `num_microbatches`
+    unconditional network, loss weights [B] or None for 1). With k = `num_microbatches`
     > 1, a `lax.scan` runs the network on k slices of B / k examples and averages their
     gradients: the same mean-loss gradient (to float rounding) in the activation memory of one
     slice. Slice i's dropout key is `fold_in(dropout_rng, i)`.
     """
 
-    def mean_loss(params, x_start, t, noise, labels, rng):
+    def mean_loss(params, x_start, t, noise, labels, weights, rng):
         def model_fn(x_t, t):
             return apply_fn({'params': params}, x_t, t, labels, train=True, rngs={'dropout': rng})
 
         losses = diffusion_lib.training_losses(diffusion, model_fn, x_start, t, noise)
-        return jnp.mean(losses['loss']), losses
+        return jnp.mean(_weighted(losses['loss'], weights)), losses
 
     value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
     if num_microbatches == 1:
@@ -156,21 +157,41 @@ def _loss_and_grads(
     return _whole_batch(losses), grads
 
 
-def _step_inputs(batch, step_rng, diffusion, num_classes: int, label_dropout: float):
-    """((x_start, t, noise, labels or None), dropout key): what the step's network sees.
+def _weighted(losses: jax.Array, weights: jax.Array | None) -> jax.Array:
+    return losses if weights is None else losses * weights
+
+
+def _step_inputs(batch, step_rng, diffusion, history, num_classes: int, label_dropout: float):
+    """((x_start, t, noise, labels or None, weights or None), dropout key): the step's draws.
 
     Globally shaped draws: every device gets different numbers, and the numbers do not depend
-    on how many devices share the batch.
+    on how many devices share the batch. t is uniform, or drawn from the loss `history`
+    (`timestep_sampling`) with its loss weights.
     """
     x_start = batch['image']
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
-    t = jax.random.randint(t_rng, x_start.shape[:1], 0, diffusion.num_timesteps)
+    weights = None
+    if history is None:
+        t = jax.random.randint(t_rng, x_start.shape[:1], 0, diffusion.num_timesteps)
+    else:
+        t, weights = timestep_sampling.draw(t_rng, history, x_start.shape[0])
     noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
     labels = None
     if num_classes:
         label_rng = jax.random.fold_in(step_rng, _LABEL_DROPOUT_STREAM)
         labels = drop_labels(batch['label'], label_rng, label_dropout, num_classes)
-    return (x_start, t, noise, labels), dropout_rng
+    return (x_start, t, noise, labels, weights), dropout_rng
+
+
+def _updated(state, grads, ema_decay: float, t: jax.Array, losses: jax.Array):
+    """The state after the optimizer step, the EMA and (if kept) the timestep loss history."""
+    new_state = state.apply_gradients(grads=grads)
+    ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
+    new_state = new_state.replace(ema_params=ema)
+    if state.loss_history is not None:
+        history = timestep_sampling.update(state.loss_history, t, losses)
+        new_state = new_state.replace(loss_history=history)
+    return new_state
 
 
 def train_step(
@@ -206,17 +227,19 @@ def train_step(
       (new state, metrics): scalar `nonfinite` (1.0 when the loss or a gradient was not finite
       and the update was skipped, else 0.0), `loss`, `mse`, `vb`, `grad_norm` (before clipping),
       `learning_rate`, and `loss_q0`..`loss_q3`, the loss of examples whose t falls in each
-      quarter of [0, T) (NaN if a quarter got no example).
+      quarter of [0, T) (NaN if a quarter got no example). With `state.loss_history` (the
+      loss-second-moment sampler) t is drawn from it, `loss` is weighted by 1 / (T p_t) and the
+      history takes the step's losses.
     """
     step_rng = jax.random.fold_in(rng, state.step)
-    inputs, dropout_rng = _step_inputs(batch, step_rng, diffusion, num_classes, label_dropout)
+    inputs, dropout_rng = _step_inputs(
+        batch, step_rng, diffusion, state.loss_history, num_classes, label_dropout
+    )
     losses, grads = _loss_and_grads(
         state.params, state.apply_fn, diffusion, inputs, dropout_rng, num_microbatches
     )
-    t, loss = inputs[1], jnp.mean(losses['loss'])
-    new_state = state.apply_gradients(grads=grads)
-    ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
-    new_state = new_state.replace(ema_params=ema)
+    t, loss = inputs[1], jnp.mean(_weighted(losses['loss'], inputs[4]))
+    new_state = _updated(state, grads, ema_decay, t, losses['loss'])
     new_state, finite = _skip_if_nonfinite(new_state, state, loss, grads)
     metrics = {
         'nonfinite': 1.0 - finite.astype(jnp.float32),
@@ -352,7 +375,17 @@ def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn |
 
 
 def _check_resumable(meta: dict, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a checkpoint made with another network, diffusion or image shape."""
+    """Refuses to resume a checkpoint made with another network, diffusion or image shape.
+
+    A train state of another shape (`config_lib.STATE_KEYS`) is refused even with
+    allow_config_change: it cannot be restored.
+    """
+    if shape := config_lib.state_changes(meta.get('config', {}), config):
+        raise config_lib.ConfigError(
+            'the workdir holds checkpoints whose train state has another shape: '
+            + '; '.join(shape)
+            + ' (use the saved value, or another --workdir)'
+        )
     changes = config_lib.weight_changes(meta.get('config', {}), config)
     if not changes:
         return

@@ -16,9 +16,14 @@ from diffusion_jax import options
 
 
 class TrainState(train_state.TrainState):
-    """flax's TrainState (step, params, opt_state, apply_fn, tx) plus `ema_params`."""
+    """flax's TrainState (step, params, opt_state, apply_fn, tx) plus `ema_params`.
+
+    `loss_history` is the loss-second-moment timestep sampler's history
+    (`timestep_sampling.History`), None (no leaves: checkpoints as before) for uniform t.
+    """
 
     ema_params: Any
+    loss_history: Any = None
 
 
 def create_learning_rate_fn(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -56,6 +61,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
     image_shape: tuple[int, int, int],
+    loss_history: Any = None,
 ) -> TrainState:
     """Initialises the model's parameters and the optimizer; the EMA starts as a copy.
 
@@ -65,6 +71,7 @@ def create_train_state(
       tx: the optimizer.
       rng: PRNG key for the initialisation.
       image_shape: (H, W, C) of one image.
+      loss_history: the timestep sampler's initial history, or None for uniform t.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -72,4 +79,10 @@ def create_train_state(
     params = jax.jit(lambda r: model.init({'params': r}, x, t, y, train=False)['params'])(rng)
     # A real copy: the EMA must not share buffers with params, which the train step donates.
     ema_params = jax.tree.map(jnp.copy, params)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, ema_params=ema_params)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        ema_params=ema_params,
+        loss_history=loss_history,
+    )

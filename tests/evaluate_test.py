@@ -5,6 +5,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
@@ -13,7 +14,16 @@ from absl.testing import absltest, parameterized
 from generate_test import tiny_config
 
 from diffusion_jax import diffusion as diffusion_lib
-from diffusion_jax import evaluate, experiment, image_io, input_pipeline, models, parallel, train
+from diffusion_jax import (
+    evaluate,
+    experiment,
+    image_io,
+    input_pipeline,
+    models,
+    parallel,
+    sampling,
+    train,
+)
 from diffusion_jax.evaluation import bpd
 
 
@@ -53,6 +63,28 @@ class EvaluateBpdTest(parameterized.TestCase):
 
         out = diffusion_lib.calc_bpd_loop(self.diffusion, model_fn, x, rng)
         return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+    def test_a_respaced_bound_is_the_bound_of_the_respaced_process(self):
+        mesh = parallel.create_mesh()
+        kept = np.array([0, 3, 7, 12, 15, 19])  # of T = 20
+        respaced = sampling.respace(self.diffusion, kept)
+        rng = jax.random.key(2)
+        x = jnp.asarray(self.images[:4])
+
+        def model_fn(x_t, t):  # the respaced step t is the trained network's step kept[t]
+            t_model = jnp.asarray(kept)[t]
+            return self.model.apply({'params': self.params}, x_t, t_model, train=False)
+
+        want = diffusion_lib.calc_bpd_loop(respaced, model_fn, x, rng)
+        got = bpd.make_bpd_fn(self.model, self.diffusion, mesh, kept)(self.params, x, rng, None)
+        self.assertEqual(got['vb'].shape, (4, 6))
+        for key in ('total_bpd', 'prior_bpd', 'vb', 'xstart_mse'):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # Keeping T-1 keeps alpha_bar_T: the prior term is the full process's.
+        full = bpd.make_bpd_fn(self.model, self.diffusion, mesh)(self.params, x, rng, None)
+        np.testing.assert_allclose(got['prior_bpd'], full['prior_bpd'], rtol=1e-6)
+        every = bpd.make_bpd_fn(self.model, self.diffusion, mesh, np.arange(20))
+        np.testing.assert_array_equal(every(self.params, x, rng, None)['vb'], full['vb'])
 
     def test_padding_is_dropped_and_the_mean_is_over_real_images(self):
         mesh = parallel.create_mesh()
@@ -229,6 +261,12 @@ class EvalModeTest(parameterized.TestCase):
                 self.assertLen(json.load(f)['rate_bpd'], config.diffusion.num_timesteps)
             for name in (f'bpd_per_t_{step}.png', f'rate_distortion_{step}.png'):
                 self.assertTrue(os.path.getsize(os.path.join(workdir, 'eval', name)) > 1000)
+            config.eval.bpd_num_steps = '5,5'  # the bound of a 10-step respaced process
+            respaced = evaluate.run_eval_mode(config, workdir)
+            self.assertEqual(respaced['nll_terms'], 10)
+            self.assertNotEqual(respaced['nll_bpd'], metrics['nll_bpd'])
+            with open(os.path.join(workdir, 'eval', f'bpd_{step}.json')) as f:
+                self.assertLen(json.load(f)['vb_per_t'], 10)
 
 
 if __name__ == '__main__':

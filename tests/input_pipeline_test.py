@@ -112,7 +112,7 @@ class DigitsTest(absltest.TestCase):
 
     def test_more_digits_than_classes_is_refused_with_the_fix(self):
         with self.assertRaisesRegex(
-            input_pipeline.DatasetError, r'labels 0\.\.9, outside .* 0\.\.4.*num_classes=10$'
+            input_pipeline.DatasetError, r'labels from 0 to 9, outside .* 0 to 4.*num_classes=10$'
         ):
             input_pipeline.train_iterator(
                 make_data_config(), global_batch_size=8, seed=0, num_classes=5

@@ -270,6 +270,22 @@ class RespacingTest(parameterized.TestCase):
         got = np.asarray(sampling.respace(d, ts).alphas_cumprod, np.float64)
         np.testing.assert_allclose(got, want, rtol=2e-7)  # float32's half ulp is 6e-8
 
+    def test_section_strings_respace_by_improved_ddpms_rule(self):
+        d, params, rng = _diffusion(50), {'w': jnp.float32(0.3)}, jax.random.key(1)
+
+        def draw(**kwargs):
+            fn = sampling.make_sample_fn(ScaleModel(), d, batch_size=2, image_shape=SHAPE, **kwargs)
+            return np.asarray(fn(params, rng))
+
+        as_string = draw(num_steps='25')
+        np.testing.assert_array_equal(as_string, draw(num_steps=25, spacing='iddpm'))
+        np.testing.assert_array_equal(as_string, draw(num_steps=(25,)))
+        # The two rules keep different steps (24 or 25) for T=50: the chains differ.
+        self.assertGreater(np.abs(as_string - draw(num_steps=25)).max(), 1e-6)
+        # For T=50 and 10 steps they keep the same ones: the same chain.
+        np.testing.assert_array_equal(draw(num_steps='10'), draw(num_steps=10))
+        self.assertEqual(draw(num_steps='ddim5', sampler='ddim').shape, (2, *SHAPE))
+
     def test_num_steps_beyond_t_is_refused(self):
         with self.assertRaisesRegex(ValueError, r'num_steps must be in \[1, 10\]'):
             sampling.make_sample_fn(

@@ -202,7 +202,7 @@ class MicrobatchTest(absltest.TestCase):
                 lambda p, b, k=k: train._loss_and_grads(
                     p, model.apply, diffusion, b, jax.random.key(2), k
                 )
-            )(params['params'], (x, t, noise))
+            )(params['params'], (x, t, noise, None, None))
             for k in (1, 4)
         }
         np.testing.assert_allclose(out[4][0]['loss'], out[1][0]['loss'], rtol=1e-6)
@@ -215,6 +215,19 @@ class MicrobatchTest(absltest.TestCase):
         # The mean over slices, not the sum: a second check that the scale is right.
         norms = [optax.tree.norm(out[k][1]) for k in (1, 4)]
         np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)
+        # Loss weights (importance-sampled t) weigh each example in every slice alike.
+        weights = jnp.asarray(rng.uniform(0.5, 2.0, 16), jnp.float32)
+
+        def grads(k, batch):
+            step = jax.jit(lambda p, b: train._loss_and_grads(
+                p, model.apply, diffusion, b, jax.random.key(2), k))  # fmt: skip
+            return step(params['params'], batch)[1]
+
+        weighted = [grads(k, (x, t, noise, None, weights)) for k in (1, 4)]
+        for whole, sliced in zip(*map(jax.tree.leaves, weighted), strict=True):
+            np.testing.assert_allclose(sliced, whole, rtol=1e-4, atol=1e-6 * scale)
+        moved = optax.tree.norm(jax.tree.map(jnp.subtract, weighted[0], out[1][1]))
+        self.assertGreater(float(moved), 1e-6)  # the weights did change the gradient
 
     def test_a_slice_count_that_does_not_divide_the_batch_is_refused(self):
         from diffusion_jax import config_lib

@@ -88,6 +88,10 @@ def _training() -> ml_collections.ConfigDict:
     training.keep_checkpoints = 3
     training.sample_every_steps = 20_000  # 0 disables sample grids during training
     training.seed = 0
+    # How t is drawn (options.T_SAMPLERS): 'uniform' (the paper) or 'loss_second_moment'
+    # (Improved DDPM section 3.3: p_t proportional to the RMS of L_t's last 10 values, losses
+    # weighted by 1 / (T p_t); for the variational losses). Fixed for the life of a workdir.
+    training.t_sampler = 'uniform'
     training.max_nonfinite_steps = 10  # skipped non-finite steps in a row before the run stops
     training.allow_config_change = False  # resume although model/diffusion/image shape changed
     # Class-conditional models: the probability that a training label is replaced by the null
@@ -124,7 +128,10 @@ def _sampling() -> ml_collections.ConfigDict:
     """`--mode=sample`: the reverse chain and how many images it draws."""
     sampling = ml_collections.ConfigDict()
     sampling.sampler = 'ancestral'  # one of options.SAMPLERS
-    sampling.num_steps = config_dict.placeholder(int)  # None: all T steps
+    # The timesteps the chain keeps (diffusion_jax.spacing): None (all T), an int spread by
+    # `spacing`, 'ddim50' (DDIM's stride), or Improved DDPM's sections '10,15,20' / (10, 15, 20).
+    sampling.num_steps = config_dict.placeholder(object)
+    sampling.spacing = 'even'  # an int num_steps: 'even' (ours, the default) or 'iddpm' rounding
     sampling.eta = 0.0  # DDIM noise scale (0 = deterministic)
     sampling.clip_denoised = True  # clip the predicted x0 to [-1, 1]
     sampling.num_samples = 64  # --mode=sample: images written to samples/samples_<step>.npz
@@ -149,6 +156,9 @@ def _eval() -> ml_collections.ConfigDict:
     eval_config.batch_size = 256
     eval_config.bpd = False  # compute the full T-term NLL bound in bits/dim
     eval_config.num_bpd_images = config_dict.placeholder(int)  # None: the whole eval split
+    # The NLL bound of the respaced process, as Improved DDPM reports it for fewer steps:
+    # sampling.num_steps' forms, spread by sampling.spacing; None: all T terms.
+    eval_config.bpd_num_steps = config_dict.placeholder(object)
     eval_config.num_samples = 50_000  # samples for FID / IS (and the digits metrics); 0: none
     eval_config.inception_weights = config_dict.placeholder(str)  # converted .npz; None: skip FID
     eval_config.inception_sha256 = '6726825d'  # source .pth SHA-256 (prefix); '': accept any

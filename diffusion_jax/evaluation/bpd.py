@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion as diffusion_lib
@@ -26,18 +27,30 @@ from diffusion_jax import image_io, parallel, sampling
 PIXEL_SCALE = 127.5  # [-1, 1] -> [0, 255]
 
 
-def make_bpd_fn(model: Any, diffusion: diffusion_lib.GaussianDiffusion, mesh) -> Any:
+def make_bpd_fn(
+    model: Any,
+    diffusion: diffusion_lib.GaussianDiffusion,
+    mesh,
+    timesteps: np.ndarray | None = None,
+) -> Any:
     """Jitted `bpd_fn(params, x_start [B, H, W, C], rng, labels)` -> `calc_bpd_loop`'s dict.
 
     Sharded over `mesh`. `labels` [B] are the images' classes for a class-conditional network
-    (the bound of log p(x | y)); None for an unconditional one.
+    (the bound of log p(x | y)); None for an unconditional one. With `timesteps` (the S kept
+    timesteps of a respacing, `spacing.kept_timesteps`) it is the S-term bound of the respaced
+    process (`sampling.respace`), the network seeing each kept step's original timestep, as
+    Improved DDPM reports the bound for fewer steps.
     """
+    d, model_t = diffusion, None
+    if timesteps is not None and len(timesteps) != diffusion.num_timesteps:
+        d, model_t = sampling.respace(diffusion, timesteps), jnp.asarray(timesteps, jnp.int32)
 
     def bpd_fn(params, x_start, rng, labels):
         def model_fn(x_t, t):
+            t = t if model_t is None else model_t[t]
             return sampling.model_output(model, params, x_t, t, labels)
 
-        return diffusion_lib.calc_bpd_loop(diffusion, model_fn, x_start, rng)
+        return diffusion_lib.calc_bpd_loop(d, model_fn, x_start, rng)
 
     replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     in_shardings = (replicated, batched, replicated, batched)
