@@ -305,7 +305,7 @@ class Checkpointer:
         """`state[key]` of checkpoint `step` alone (e.g. 'ema_params'), from a read-only reader.
 
         Args:
-            key: a top-level field of the saved state.
+            key: a field of the saved state, or a path into one ('extra_ema/ema_1').
             target: pytree like that field (arrays or jax.ShapeDtypeStruct with shardings);
                 its structure, shapes, dtypes and shardings are used.
             step: a complete step.
@@ -314,7 +314,9 @@ class Checkpointer:
             CheckpointError: the step is not complete or its files fail to restore.
         """
         self.candidate_steps(step)
-        abstract = {key: jax.tree.map(ocp.utils.to_shape_dtype_struct, target)}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        for name in reversed(key.split('/')):
+            abstract = {name: abstract}
         restore = ocp.args.PyTreeRestore(
             item=abstract,
             restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
@@ -327,7 +329,10 @@ class Checkpointer:
                 f'checkpoint step {step} in {self.directory} failed to restore {key}: '
                 f'{_short(e)} (damaged files, or a checkpoint of another model)'
             ) from e
-        return restored['state'][key]
+        restored = restored['state']
+        for name in key.split('/'):
+            restored = restored[name]
+        return restored
 
     def candidate_steps(self, step: int | None) -> list[int]:
         """The steps `restore` tries, in order: `[step]`, or every complete step newest first.

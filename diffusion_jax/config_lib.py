@@ -117,6 +117,7 @@ SCHEMA: dict[str, Field] = {
     'optim.beta2': Field(float, bounds='(0, 1)'),
     'optim.eps': Field(float, bounds='(0, inf)'),
     'optim.ema_decay': Field(float, bounds='[0, 1)'),
+    'optim.ema_decays': Field(FloatTuple, bounds='[0, 1)'),
     'sampling.sampler': Field(str, choices=options.SAMPLERS),
     'sampling.num_steps': Field(Respacing, nullable=True),  # against T: _check_num_steps
     'sampling.spacing': Field(str, choices=spacing.SPACINGS),
@@ -126,6 +127,7 @@ SCHEMA: dict[str, Field] = {
     'sampling.batch_size': Field(int, bounds=_POSITIVE),
     'sampling.seed': Field(int),
     'sampling.checkpoint_step': Field(int, nullable=True, bounds=_NON_NEGATIVE),
+    'sampling.ema_decay': Field(float, nullable=True, bounds='[0, 1)'),  # ema_subtree
     'sampling.interpolate': Field(str),  # '' or 'I,J': _check_interpolate
     'sampling.interpolate_t': Field(int, nullable=True, bounds=_NON_NEGATIVE),
     'sampling.interpolate_num': Field(int, bounds='[2, inf)'),
@@ -631,7 +633,7 @@ def weight_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) ->
 
 # Training keys that shape the train state beside the network (with the value that checkpoints
 # without the key had): a run resumes only with the checkpoint's value.
-STATE_KEYS = {'training.t_sampler': 'uniform'}
+STATE_KEYS = {'training.t_sampler': 'uniform', 'optim.ema_decays': ()}
 
 
 def state_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
@@ -639,10 +641,33 @@ def state_changes(stored: dict[str, Any], config: ml_collections.ConfigDict) -> 
     changes = []
     for key, old_default in STATE_KEYS.items():
         section, name = key.split('.')
-        old = stored.get(section, {}).get(name, old_default)
-        if old != config[section][name]:
-            changes.append(f'config.{key}: checkpoint {old!r}, now {config[section][name]!r}')
+        old = _comparable(stored.get(section, {}).get(name, old_default))
+        new = _comparable(config[section][name])
+        if old != new:
+            changes.append(f'config.{key}: checkpoint {old!r}, now {new!r}')
     return changes
+
+
+def ema_subtree(stored: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    """The train state's field that holds the EMA `config.sampling.ema_decay` names.
+
+    'ema_params' for None or the checkpoint's optim.ema_decay; 'extra_ema/ema_<i>' for the i-th
+    (from 1) of its optim.ema_decays.
+
+    Raises:
+        ConfigError: the checkpoint keeps no EMA of that rate.
+    """
+    wanted, optim = config.sampling.ema_decay, stored.get('optim', {})
+    primary, extra = optim.get('ema_decay'), list(optim.get('ema_decays', ()))
+    if wanted is None or wanted == primary:
+        return 'ema_params'
+    if wanted in extra:
+        return f'extra_ema/ema_{extra.index(wanted) + 1}'
+    kept = [r for r in [primary, *extra] if r is not None]
+    raise ConfigError(
+        f'config.sampling.ema_decay: the checkpoint keeps no EMA of rate {wanted!r} (use one of '
+        f"{kept}, or None for optim.ema_decay's)"
+    )
 
 
 def with_checkpoint_weights(

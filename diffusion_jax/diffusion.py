@@ -495,7 +495,8 @@ def training_losses(
 
     `mse` is L_simple (the paper's eq. 14 generalised to the three mean types); `kl` the true
     bound term L_t in bits/dim; `rescaled_kl` is T * kl; `hybrid` is Improved DDPM's
-    mse + 0.001 * T * L_t with the mean frozen inside L_t, so L_t trains only the variance.
+    mse + 0.001 * T * L_t with the mean frozen inside L_t, so L_t trains only the variance, and
+    `hybrid_unscaled` the same with mse + L_t (their `rescale_learned_sigmas=False`).
 
     Args:
       d: the diffusion.
@@ -519,11 +520,12 @@ def training_losses(
         target, _, _ = q_posterior_mean_variance(d, x_start, x_t, t)
     chex.assert_equal_shape([mean_out, target])
     mse = meanflat(jnp.square(target - mean_out))
-    if d.loss_type == 'hybrid':
+    if d.loss_type in options.HYBRID_LOSS_TYPES:
         # The bound only trains the variance: the mean gets its gradient from the MSE alone.
         frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1)
         vb = vb_terms_bpd(d, frozen, x_start, x_t, t)['output']
-        loss = mse + HYBRID_VB_WEIGHT * d.num_timesteps * vb
+        scale = HYBRID_VB_WEIGHT * d.num_timesteps if d.loss_type == 'hybrid' else 1.0
+        loss = mse + scale * vb
     else:
         vb = vb_terms_bpd(d, model_output, x_start, x_t, t)['output']
         loss = {'mse': mse, 'kl': vb, 'rescaled_kl': vb * d.num_timesteps}[d.loss_type]

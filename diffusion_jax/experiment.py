@@ -66,7 +66,12 @@ class Experiment:
     def init_state(self, rng: jax.Array, mesh: Mesh) -> train_state_lib.TrainState:
         """A freshly initialised TrainState, replicated over `mesh`."""
         state = train_state_lib.create_train_state(
-            self.model, self.tx, rng, self.image_shape, _loss_history(self.config)
+            self.model,
+            self.tx,
+            rng,
+            self.image_shape,
+            _loss_history(self.config),
+            len(self.config.optim.ema_decays),
         )
         return jax.device_put(state, parallel.replicated(mesh))
 
@@ -123,7 +128,12 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     shape = image_shape(config)
     abstract_state = jax.eval_shape(
         lambda: train_state_lib.create_train_state(
-            model, tx, jax.random.key(0), shape, _loss_history(config)
+            model,
+            tx,
+            jax.random.key(0),
+            shape,
+            _loss_history(config),
+            len(config.optim.ema_decays),
         )
     )
     return Experiment(

@@ -91,7 +91,8 @@ def restore_ema(
                 config_lib.validate(merged, training=False)  # the effective settings, first
                 exp = experiment.build(merged)
                 target = exp.restore_target(mesh).ema_params
-                return exp, ckpt.restore_subtree('ema_params', target, candidate), candidate
+                which = config_lib.ema_subtree(meta.get('config', {}), merged)
+                return exp, ckpt.restore_subtree(which, target, candidate), candidate
             except checkpointing.CheckpointError as e:
                 if step is not None:
                     raise
@@ -153,6 +154,8 @@ def sample_spec(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     }
     if s.spacing != 'even':  # the default keeps older specs' form: their partial runs resume
         spec['spacing'] = s.spacing
+    if s.ema_decay is not None:
+        spec['ema_decay'] = s.ema_decay
     if config.model.num_classes:  # likewise for unconditional specs
         spec.update(class_label=s.class_label, guidance_scale=s.guidance_scale)
     return spec

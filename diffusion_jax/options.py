@@ -14,7 +14,10 @@ MODEL_MEAN_TYPES = ('eps', 'xprev', 'xstart')
 MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')
 # These variance types make the network predict log-variance coefficients next to the mean.
 LEARNED_VAR_TYPES = ('learned', 'learned_range')
-LOSS_TYPES = ('hybrid', 'kl', 'mse', 'rescaled_kl')
+# 'hybrid' is Improved DDPM's default (rescale_learned_sigmas=True): mse + 0.001 T L_vlb;
+# 'hybrid_unscaled' its rescale_learned_sigmas=False: mse + L_vlb.
+LOSS_TYPES = ('hybrid', 'hybrid_unscaled', 'kl', 'mse', 'rescaled_kl')
+HYBRID_LOSS_TYPES = ('hybrid', 'hybrid_unscaled')
 OPTIMIZERS = ('adam', 'adamw')
 SAMPLERS = ('ancestral', 'ddim')
 # How training draws t: uniformly (the paper) or by Improved DDPM's loss-second-moment rule.
@@ -35,7 +38,8 @@ def loss_and_variance_problem(loss_type: str, model_var_type: str) -> tuple[str,
     """(what is wrong, the fix) when `loss_type` cannot train `model_var_type`, else None.
 
     Only a variational term trains a learned variance: L_simple ('mse') leaves it untrained, and
-    'hybrid' = L_simple + lambda L_vlb exists to train one (Nichol & Dhariwal 2021, section 3.1).
+    'hybrid' = L_simple + lambda L_vlb (and 'hybrid_unscaled', lambda = 1 / T) exists to train one
+    (Nichol & Dhariwal 2021, section 3.1).
     """
     learned = model_var_type in LEARNED_VAR_TYPES
     if loss_type == 'mse' and learned:
@@ -43,9 +47,9 @@ def loss_and_variance_problem(loss_type: str, model_var_type: str) -> tuple[str,
             f"'mse' never trains diffusion.model_var_type {model_var_type!r}",
             "use model_var_type 'fixedlarge' or 'fixedsmall', or loss_type 'hybrid'",
         )
-    if loss_type == 'hybrid' and not learned:
+    if loss_type in HYBRID_LOSS_TYPES and not learned:
         return (
-            f"'hybrid' trains a learned variance, but diffusion.model_var_type is "
+            f'{loss_type!r} trains a learned variance, but diffusion.model_var_type is '
             f'{model_var_type!r}',
             "set model_var_type to 'learned' or 'learned_range', or use loss_type 'mse'",
         )

@@ -183,11 +183,21 @@ def _step_inputs(batch, step_rng, diffusion, history, num_classes: int, label_dr
     return (x_start, t, noise, labels, weights), dropout_rng
 
 
-def _updated(state, grads, ema_decay: float, t: jax.Array, losses: jax.Array):
-    """The state after the optimizer step, the EMA and (if kept) the timestep loss history."""
+def _updated(state, grads, ema_decays: tuple[float, ...], t: jax.Array, losses: jax.Array):
+    """The state after the optimizer step, the EMAs and (if kept) the timestep loss history.
+
+    `ema_decays` are the rates of `ema_params` and then of each `extra_ema` entry.
+    """
     new_state = state.apply_gradients(grads=grads)
-    ema = optax.incremental_update(new_state.params, state.ema_params, 1.0 - ema_decay)
-    new_state = new_state.replace(ema_params=ema)
+
+    def ema(old, decay):
+        return optax.incremental_update(new_state.params, old, 1.0 - decay)
+
+    new_state = new_state.replace(ema_params=ema(state.ema_params, ema_decays[0]))
+    if state.extra_ema is not None:
+        extra = {f'ema_{i}': ema(state.extra_ema[f'ema_{i}'], ema_decays[i])
+                 for i in range(1, len(ema_decays))}  # fmt: skip
+        new_state = new_state.replace(extra_ema=extra)
     if state.loss_history is not None:
         history = timestep_sampling.update(state.loss_history, t, losses)
         new_state = new_state.replace(loss_history=history)
@@ -205,6 +215,7 @@ def train_step(
     num_microbatches: int = 1,
     num_classes: int = 0,
     label_dropout: float = 0.0,
+    ema_decays: tuple[float, ...] = (),
 ) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
     """One optimizer step on L_simple (or the configured loss).
 
@@ -222,6 +233,7 @@ def train_step(
       num_classes: K of a class-conditional network (K is its null label); 0: unconditional.
       label_dropout: the probability that a label is replaced by the null label (`drop_labels`,
         coins from the step's key: a resumed run drops the same labels).
+      ema_decays: the rates of `state.extra_ema`'s EMAs, in order.
 
     Returns:
       (new state, metrics): scalar `nonfinite` (1.0 when the loss or a gradient was not finite
@@ -239,7 +251,8 @@ def train_step(
         state.params, state.apply_fn, diffusion, inputs, dropout_rng, num_microbatches
     )
     t, loss = inputs[1], jnp.mean(_weighted(losses['loss'], inputs[4]))
-    new_state = _updated(state, grads, ema_decay, t, losses['loss'])
+    decays = (ema_decay, *ema_decays)
+    new_state = _updated(state, grads, decays, t, losses['loss'])
     new_state, finite = _skip_if_nonfinite(new_state, state, loss, grads)
     metrics = {
         'nonfinite': 1.0 - finite.astype(jnp.float32),
@@ -263,6 +276,7 @@ def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
         num_microbatches=config.training.num_microbatches,
         num_classes=config.model.num_classes,
         label_dropout=config.training.label_dropout,
+        ema_decays=tuple(config.optim.ema_decays),
     )
     replicated = parallel.replicated(mesh)
     return jax.jit(

@@ -20,10 +20,13 @@ class TrainState(train_state.TrainState):
 
     `loss_history` is the loss-second-moment timestep sampler's history
     (`timestep_sampling.History`), None (no leaves: checkpoints as before) for uniform t.
+    `extra_ema` holds the EMAs of `config.optim.ema_decays`, {'ema_1': params, ...} in that
+    order, or None when there are none.
     """
 
     ema_params: Any
     loss_history: Any = None
+    extra_ema: Any = None
 
 
 def create_learning_rate_fn(optim_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -62,6 +65,7 @@ def create_train_state(
     rng: jax.Array,
     image_shape: tuple[int, int, int],
     loss_history: Any = None,
+    num_extra_ema: int = 0,
 ) -> TrainState:
     """Initialises the model's parameters and the optimizer; the EMA starts as a copy.
 
@@ -72,6 +76,7 @@ def create_train_state(
       rng: PRNG key for the initialisation.
       image_shape: (H, W, C) of one image.
       loss_history: the timestep sampler's initial history, or None for uniform t.
+      num_extra_ema: how many more EMAs to keep (`extra_ema`), each starting as a copy.
     """
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
@@ -85,4 +90,6 @@ def create_train_state(
         tx=tx,
         ema_params=ema_params,
         loss_history=loss_history,
+        extra_ema={f'ema_{i + 1}': jax.tree.map(jnp.copy, params) for i in range(num_extra_ema)}
+        or None,
     )

@@ -382,6 +382,22 @@ class LossesTest(parameterized.TestCase):
         np.testing.assert_allclose(grads[..., :1], 2 * (theta[..., :1] - noise) / n, rtol=1e-5)
         self.assertGreater(float(jnp.abs(grads[..., 1:]).sum()), 0.0)
 
+    def test_unscaled_hybrid_adds_the_bound_once_and_leaves_the_mean_to_the_mse(self):
+        x0, noise, t = self._batch(seed=5)
+        theta = jnp.asarray(np.concatenate([_rand(14, x0.shape), _rand(15, x0.shape)], -1))
+
+        def parts(theta, loss_type):
+            d = _make('eps', 'learned_range', loss_type)
+            losses = diffusion_lib.training_losses(d, lambda xt, tt: theta, x0, t, noise)
+            return losses['loss'].sum(), losses
+
+        grads, unscaled = jax.grad(parts, has_aux=True)(theta, 'hybrid_unscaled')
+        _, scaled = parts(theta, 'hybrid')
+        np.testing.assert_allclose(unscaled['loss'], unscaled['mse'] + unscaled['vb'], rtol=1e-6)
+        np.testing.assert_allclose(unscaled['vb'], scaled['vb'], rtol=1e-6)  # the same L_t
+        n = np.prod(x0.shape[1:])
+        np.testing.assert_allclose(grads[..., :1], 2 * (theta[..., :1] - noise) / n, rtol=1e-5)
+
     def test_create_refuses_mse_with_a_learned_variance_and_hybrid_with_a_fixed_one(self):
         betas = schedules.get_beta_schedule('linear', 10)
         with self.assertRaisesRegex(ValueError, "'mse' never trains"):
@@ -392,7 +408,7 @@ class LossesTest(parameterized.TestCase):
     @parameterized.parameters(
         ('model_mean_type', ('v', 'fixedlarge', 'mse'), "'eps', 'xprev', 'xstart'"),
         ('model_var_type', ('eps', 'large', 'mse'), "'fixedlarge', 'fixedsmall'"),
-        ('loss_type', ('eps', 'fixedlarge', 'l2'), "'hybrid', 'kl', 'mse', 'rescaled_kl'"),
+        ('loss_type', ('eps', 'fixedlarge', 'l2'), "'hybrid', 'hybrid_unscaled', 'kl', 'mse'"),
     )
     def test_create_names_the_valid_choices(self, name, options, choices):
         with self.assertRaisesRegex(ValueError, f'unknown {name}.*{choices}'):

@@ -254,6 +254,35 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # trains a tiny model
+class SeveralEmaTest(absltest.TestCase):
+    def test_sampling_ema_decay_picks_the_ema_of_that_rate(self):
+        config = tiny_config()
+        config.optim.ema_decays = (0.0, 0.5)  # 0.0: the EMA is the trained parameters
+        config.optim.warmup_steps, config.optim.learning_rate = 0, 0.01
+        with tempfile.TemporaryDirectory() as workdir:
+            state = train.train_and_evaluate(config, workdir)
+            config.sampling.ema_decay = 0.0
+            _, params, _, _ = generate.load_sampler(workdir, config, batch_size=4)
+            for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params),
+                                 strict=True):  # fmt: skip
+                np.testing.assert_array_equal(got, want)
+            config.sampling.ema_decay = None
+            _, primary, _, _ = generate.load_sampler(workdir, config, batch_size=4)
+            for got, want in zip(jax.tree.leaves(primary), jax.tree.leaves(state.ema_params),
+                                 strict=True):  # fmt: skip
+                np.testing.assert_array_equal(got, want)
+            self.assertFalse(np.array_equal(jax.tree.leaves(primary)[0],
+                                            jax.tree.leaves(params)[0]))  # fmt: skip
+            config.sampling.ema_decay = 0.9
+            with self.assertRaisesRegex(config_lib.ConfigError, r'no EMA of rate 0\.9 .*0\.5'):
+                generate.load_sampler(workdir, config, batch_size=4)
+            config.sampling.ema_decay = None
+            config.optim.ema_decays = (0.5,)
+            with self.assertRaisesRegex(config_lib.ConfigError, 'ema_decays: checkpoint'):
+                train.train_and_evaluate(config, workdir)
+
+
 class MergeConfigTest(parameterized.TestCase):
     def test_the_checkpoint_decides_the_network_and_the_caller_the_sampling(self):
         stored = tiny_config().to_dict()

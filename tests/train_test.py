@@ -274,6 +274,28 @@ class TrainStepTest(parameterized.TestCase):
         for key in ('loss', 'mse', 'vb', 'grad_norm', 'loss_q0', 'loss_q3'):
             self.assertIn(key, m2)
 
+    def test_extra_emas_are_the_decayed_averages_of_their_rates(self):
+        config = tiny_config()
+        config.optim.warmup_steps = 0
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        state = train_state_lib.create_train_state(
+            models.get_model(config), tx, jax.random.key(0), (8, 8, 1), num_extra_ema=2
+        )
+        step = jax.jit(lambda s, b: train.train_step(
+            s, b, jax.random.key(1), diffusion=experiment.create_diffusion(config),
+            ema_decay=0.9, learning_rate_fn=lr_fn, ema_decays=(0.5, 0.0)))  # fmt: skip
+        batch = {'image': jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)))}
+        s1 = step(state, batch)[0]
+        s2 = step(s1, batch)[0]
+        trees = [s2.params, s1.ema_params, s2.ema_params, s1.extra_ema['ema_1'],
+                 s2.extra_ema['ema_1'], s2.extra_ema['ema_2']]  # fmt: skip
+        for p, e_old, e_new, half_old, half_new, zero in zip(*map(jax.tree.leaves, trees),
+                                                              strict=True):  # fmt: skip
+            np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(half_new, 0.5 * half_old + 0.5 * p, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(zero, p)
+        self.assertFalse(_leaves_equal(s2.params, state.params))
+
     def test_a_non_finite_step_changes_nothing_but_the_step(self):
         config = tiny_config()
         config.optim.warmup_steps = 0

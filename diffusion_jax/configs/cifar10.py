@@ -121,6 +121,9 @@ def _optim() -> ml_collections.ConfigDict:
     optim.beta2 = 0.999
     optim.eps = 1e-8
     optim.ema_decay = 0.9999  # EMA of the parameters; samples and metrics use the EMA
+    # More EMA rates kept beside ema_decay's in the same run (Improved DDPM keeps several);
+    # sample or evaluate one with --config.sampling.ema_decay. Fixed for the life of a workdir.
+    optim.ema_decays = ()
     return optim
 
 
@@ -138,6 +141,8 @@ def _sampling() -> ml_collections.ConfigDict:
     sampling.batch_size = 256  # images per device-parallel call; any size (padded to the devices)
     sampling.seed = 0  # image i uses fold_in(PRNGKey(seed), i)
     sampling.checkpoint_step = config_dict.placeholder(int)  # None: the newest checkpoint
+    # Which EMA to sample and evaluate: None, optim.ema_decay's; or one of optim.ema_decays.
+    sampling.ema_decay = config_dict.placeholder(float)
     sampling.interpolate = ''  # 'I,J': interpolate eval images I and J (paper section 6.3)
     sampling.interpolate_t = config_dict.placeholder(int)  # step to noise them to; None: T // 2
     sampling.interpolate_num = 11  # lambdas evenly spaced in [0, 1], ends included
