@@ -7,9 +7,6 @@ against the unconditional one it must leave unchanged.
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 import tempfile
 
 import fast_compile
@@ -19,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import absltest, parameterized
+from train_test import run_on_mock_data, straight_and_resumed, tiny_config
 
 from configs import digits_conditional
 from diffusion_jax import config_lib, experiment, image_io, models, sampling, schedules, train
 from diffusion_jax import diffusion as diffusion_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (4, 4, 1)
 K = 3  # classes of the toy model; label K is the null label
 
@@ -136,15 +133,13 @@ class GuidanceTest(parameterized.TestCase):
 
 
 def _tiny_conditional(**training):
-    config = digits_conditional.get_config()
-    config.model.ch = 32
-    config.model.num_res_blocks = 1
-    config.training.batch_size = 16
-    config.training.sample_every_steps = 0
-    config.training.log_every_steps = 1
-    config.training.checkpoint_every_steps = 1000
-    for key, value in training.items():
-        setattr(config.training, key, value)
+    """train_test's tiny digits config with the conditioning of configs/digits_conditional."""
+    config = tiny_config(**{'batch_size': 16, 'log_every_steps': 1, **training})
+    conditional = digits_conditional.get_config()
+    config.model.num_classes = conditional.model.num_classes
+    config.training.label_dropout = conditional.training.label_dropout
+    config.sampling.guidance_scale = conditional.sampling.guidance_scale
+    config.eval.guidance_sweep = conditional.eval.guidance_sweep
     return config
 
 
@@ -283,14 +278,7 @@ for devices in (jax.devices()[:1], jax.devices()):
 @pytest.mark.slow  # 8 CPU devices need a fresh process
 class DeviceCountTest(absltest.TestCase):
     def test_guided_images_do_not_depend_on_batch_or_device_count(self):
-        proc = subprocess.run(
-            [sys.executable, '-c', _EIGHT_DEVICES],
-            env=fast_compile.env(8, PYTHONPATH=str(REPO)),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = fast_compile.run_on_devices(_EIGHT_DEVICES, 8)
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn('MATCH 1', proc.stdout)
         self.assertIn('MATCH 8', proc.stdout)
@@ -305,9 +293,7 @@ def _leaves_equal(a, b):
 class ConditionalTrainingTest(absltest.TestCase):
     def test_a_resumed_conditional_run_is_bit_identical(self):
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-            straight = train.train_and_evaluate(_tiny_conditional(num_train_steps=6), a)
-            train.train_and_evaluate(_tiny_conditional(num_train_steps=3), b)
-            resumed = train.train_and_evaluate(_tiny_conditional(num_train_steps=6), b)
+            straight, resumed = straight_and_resumed(_tiny_conditional, a, b)
             with open(f'{b}/classes.json') as f:
                 self.assertEqual(json.load(f), [str(d) for d in range(10)])
         self.assertTrue(_leaves_equal(straight.params, resumed.params))
@@ -323,20 +309,13 @@ class ConditionalTrainingTest(absltest.TestCase):
         self.assertTrue(np.all(moved > 0))  # every class and the null label were trained
 
     def test_the_cifar10_conditional_recipe_runs_on_mock_data(self):
-        import tensorflow_datasets as tfds
-
         from configs import cifar10_conditional
 
         config = cifar10_conditional.get_config()
         # The recipe on a smaller U-Net: its labels, dropout and guidance are the point here
         # (the full network's XLA:CPU compile alone takes minutes; train_test runs it once).
         config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1, 2), 1
-        config.training.batch_size = 4
-        config.training.num_train_steps = 2
-        config.training.sample_every_steps = 0
-        config.training.log_every_steps = 1
-        with tempfile.TemporaryDirectory() as workdir, tfds.testing.mock_data(num_examples=16):
-            state = train.train_and_evaluate(config, workdir)
+        state = run_on_mock_data(config)
         self.assertEqual(int(state.step), 2)
         unconditional = cifar10_conditional.get_config()
         unconditional.model.ch, unconditional.model.num_classes = 32, 0

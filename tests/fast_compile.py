@@ -8,6 +8,11 @@ compiling small programs, so they pass these flags in the subprocess's environme
 
 import importlib.metadata
 import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 FLAGS = ('--xla_backend_optimization_level=0',)
 # XLA of jaxlib 0.11+ has no classic CPU emitters and aborts on the flag.
@@ -26,3 +31,16 @@ def xla_flags(device_count: int | None = None) -> str:
 def env(device_count: int | None = None, **extra: str) -> dict[str, str]:
     """This process's environment with `xla_flags(device_count)` and `extra` set."""
     return {**os.environ, 'XLA_FLAGS': xla_flags(device_count), **extra}
+
+
+def run_on_devices(code: str, device_count: int) -> subprocess.CompletedProcess:
+    """Runs Python `code` in a fresh process with `device_count` CPU devices, from the repository
+    root (which it can import, tests/ included through sys.path), capturing its output."""
+    return subprocess.run(
+        [sys.executable, '-c', code],
+        env=env(device_count, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

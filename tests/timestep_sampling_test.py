@@ -1,9 +1,6 @@
 """The loss-second-moment timestep sampler against a NumPy statement of Improved DDPM's rule,
 and in the train step: its history is train state, resumes exactly and is the same on 8 devices."""
 
-import pathlib
-import subprocess
-import sys
 import tempfile
 
 import fast_compile
@@ -15,7 +12,6 @@ from absl.testing import absltest
 
 from diffusion_jax import config_lib, timestep_sampling, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 K, U = 10, 0.001  # the paper's history length and uniform mixture, restated
 
 
@@ -94,10 +90,10 @@ def _config(**overrides):
 @pytest.mark.slow  # trains three short runs
 class TrainStepTest(absltest.TestCase):
     def test_the_history_is_train_state_that_resumes_exactly(self):
+        from train_test import straight_and_resumed
+
         with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
-            straight = train.train_and_evaluate(_config(num_train_steps=6), a)
-            train.train_and_evaluate(_config(num_train_steps=3), b)
-            resumed = train.train_and_evaluate(_config(num_train_steps=6), b)
+            straight, resumed = straight_and_resumed(_config, a, b)
             uniform = _config(t_sampler='uniform', num_train_steps=8)
             with self.assertRaisesRegex(config_lib.ConfigError, "t_sampler: checkpoint 'loss_"):
                 train.train_and_evaluate(uniform, b)
@@ -134,14 +130,7 @@ print('MATCH')
 @pytest.mark.slow  # 8 CPU devices need a fresh process
 class ShardedTest(absltest.TestCase):
     def test_eight_devices_keep_the_history_of_one(self):
-        proc = subprocess.run(
-            [sys.executable, '-c', _EIGHT_DEVICES],
-            env=fast_compile.env(8, PYTHONPATH=str(REPO)),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = fast_compile.run_on_devices(_EIGHT_DEVICES, 8)
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn('MATCH', proc.stdout)
 

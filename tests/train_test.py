@@ -77,6 +77,26 @@ def _ddim_round_trip_rmse(config, params, num=64):
     return rmse
 
 
+def straight_and_resumed(make_config, straight_dir: str, resumed_dir: str):
+    """The states of `make_config(num_train_steps=...)` trained 6 steps in `straight_dir`, and
+    3 steps then resumed to 6 in `resumed_dir`."""
+    straight = train.train_and_evaluate(make_config(num_train_steps=6), straight_dir)
+    train.train_and_evaluate(make_config(num_train_steps=3), resumed_dir)
+    return straight, train.train_and_evaluate(make_config(num_train_steps=6), resumed_dir)
+
+
+def run_on_mock_data(config):
+    """Two steps of a tfds config at batch 4 on tfds' mock data; the final state."""
+    import tensorflow_datasets as tfds
+
+    config.training.batch_size = 4
+    config.training.num_train_steps = 2
+    config.training.sample_every_steps = 0
+    config.training.log_every_steps = 1
+    with tempfile.TemporaryDirectory() as workdir, tfds.testing.mock_data(num_examples=16):
+        return train.train_and_evaluate(config, workdir)
+
+
 def _fresh_state_and_step(config, num_microbatches: int = 1):
     """A new TrainState of `config` (8x8x1 images) and its jitted train step, EMA decay 0.9."""
     tx, lr_fn = train_state_lib.create_optimizer(config.optim)
@@ -145,15 +165,8 @@ class TrainLoopTest(parameterized.TestCase):
         self.assertTrue(_leaves_equal(straight.opt_state, resumed.opt_state))
 
     def test_the_cifar10_recipe_runs_on_mock_data(self):
-        import tensorflow_datasets as tfds
-
-        config = cifar10.get_config()  # the paper's model and recipe, only a smaller batch
-        config.training.batch_size = 4
-        config.training.num_train_steps = 2
-        config.training.sample_every_steps = 0
-        config.training.log_every_steps = 1
-        with tempfile.TemporaryDirectory() as workdir, tfds.testing.mock_data(num_examples=16):
-            state = train.train_and_evaluate(config, workdir)
+        # The paper's model and recipe, only a smaller batch.
+        state = run_on_mock_data(cifar10.get_config())
         self.assertEqual(int(state.step), 2)
         self.assertEqual(sum(x.size for x in jax.tree.leaves(state.params)), 35_746_307)
 
