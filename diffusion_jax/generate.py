@@ -433,16 +433,21 @@ def _write_interpolation(config, workdir, params, step, sources: np.ndarray) -> 
     return path
 
 
+def grid_layout(
+    config: ml_collections.ConfigDict, images: np.ndarray
+) -> tuple[np.ndarray, int | None]:
+    """(images, column count) for a grid of the first images the config draws: one row per
+    class for a conditional model (`image_io.rows_by_class`), as they are (None) otherwise."""
+    labels = sample_labels(config, len(images))
+    return (images, None) if labels is None else image_io.rows_by_class(images, labels)
+
+
 def _write_grid(config: ml_collections.ConfigDict, path: str, grid_path: str) -> None:
     """The PNG grid of the first 100 images of `path` (one row per class if conditional)."""
     writer = lead.LeadWriter()
     if not writer.is_lead:
         return
-    images = image_io.load_npz_rows(path, 'images', 100)
-    labels = sample_labels(config, len(images))
-    ncol = None
-    if labels is not None:
-        images, ncol = image_io.rows_by_class(images, labels)
+    images, ncol = grid_layout(config, image_io.load_npz_rows(path, 'images', 100))
     writer.grid(grid_path, images, ncol=ncol)
 
 

@@ -26,6 +26,7 @@ from diffusion_jax import (
     config_lib,
     errors,
     experiment,
+    generate,
     image_io,
     input_pipeline,
     lead,
@@ -372,19 +373,18 @@ class _NonFiniteSteps:
 
 
 def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn | None:
-    """The sampler of the grids written during training (up to 64 images), or None if off."""
+    """The sampler of the grids written during training (up to 64 images), or None if off.
+
+    The paper's chain whatever `config.sampling` says: ancestral, all T steps.
+    """
     config = exp.config
     if not config.training.sample_every_steps:
         return None
-    return sampling.make_sample_fn(
-        exp.model,
-        exp.diffusion,
+    return exp.sampler(
+        mesh,
         batch_size=min(config.sampling.num_samples, 64),  # any size: the sampler pads it
-        image_shape=exp.image_shape,
-        clip_denoised=config.sampling.clip_denoised,
-        mesh=mesh,
-        class_label=config.sampling.class_label,
-        guidance_scale=config.sampling.guidance_scale,
+        sampler='ancestral',
+        num_steps=exp.diffusion.num_timesteps,
     )
 
 
@@ -515,15 +515,8 @@ class _Run:
         rng = jax.random.fold_in(self.sample_rng, step)
         images = image_io.to_uint8(parallel.to_host(self.sample_fn(state.ema_params, rng)))
         path = os.path.join(self.workdir, 'samples', f'grid_{step:08d}.png')
-        sampling_config, num_classes = self.config.sampling, self.config.model.num_classes
-        if num_classes:  # one row per class
-            labels = sampling.image_labels(
-                np.arange(len(images)), num_classes, sampling_config.class_label
-            )
-            images, ncol = image_io.rows_by_class(images, labels)
-            grid = self.files.grid(path, images, ncol=ncol)
-        else:
-            grid = self.files.grid(path, images)
+        images, ncol = generate.grid_layout(self.config, images)  # a row per class if conditional
+        grid = self.files.grid(path, images, ncol=ncol)
         if grid is not None:  # the lead
             self.events.write_images(step, {'samples': grid[None]})
             logging.info('step %d: wrote %s', step, path)
