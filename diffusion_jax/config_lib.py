@@ -81,6 +81,12 @@ SCHEMA: dict[str, Field] = {
     'model.dropout': Field(float, bounds='[0, 1)'),
     'model.resamp_with_conv': Field(bool),
     'model.num_groups': Field(int, bounds=_POSITIVE),
+    'model.num_heads': Field(int, bounds=_POSITIVE),
+    'model.num_head_channels': Field(int, bounds=_NON_NEGATIVE),  # 0: num_heads decides
+    'model.use_scale_shift_norm': Field(bool),
+    'model.norm_epsilon': Field(float, bounds='(0, 1)'),
+    'model.time_embedding': Field(str, choices=options.TIME_EMBEDDINGS),
+    'model.downsample_padding': Field(str, choices=options.DOWNSAMPLE_PADDINGS),
     'model.dtype': Field(str, choices=options.DTYPES),
     'model.param_dtype': Field(str, choices=options.DTYPES),
     'model.remat': Field(bool),
@@ -344,6 +350,26 @@ def _check_group_norm(v: dict[str, Any]) -> Iterator[str]:
         yield _line('model.num_groups', what, fix)
 
 
+def _check_attention_heads(v: dict[str, Any]) -> Iterator[str]:
+    """The heads split the channels of every attention block: the middle's and the listed sizes'."""
+    if not _have(v, 'model.ch', 'model.ch_mult', 'data.image_size', 'model.num_heads'):
+        return
+    ch, mult = v['model.ch'], v['model.ch_mult']
+    sizes = options.unet_resolutions(v['data.image_size'], mult)
+    attn = v.get('model.attn_resolutions') or ()
+    attended = [ch * m for m, size in zip(mult, sizes, strict=True) if size in attn]
+    counts = sorted({ch * mult[-1], *attended})
+    head_channels = v.get('model.num_head_channels')
+    if head_channels:
+        if bad := [c for c in counts if c % head_channels]:
+            what = f"{head_channels} does not divide the attention blocks' channel counts {bad}"
+            fix = f'use a common divisor of {counts}, or 0 to use model.num_heads'
+            yield _line('model.num_head_channels', what, fix)
+    elif bad := [c for c in counts if c % v['model.num_heads']]:
+        what = f"{v['model.num_heads']} heads cannot split the attention blocks' channels {bad}"
+        yield _line('model.num_heads', what, f'use a common divisor of {counts}')
+
+
 def _check_betas(v: dict[str, Any]) -> Iterator[str]:
     """linear, quad and const need 0 < beta_start <= beta_end < 1 (cosine and jsd ignore them);
     linear_iddpm needs its scaled end, beta_end * 1000 / T, below 1."""
@@ -478,6 +504,7 @@ _CROSS_CHECKS = (
     _check_microbatches,
     _check_data_path,
     _check_resolutions,
+    _check_attention_heads,
     _check_group_norm,
     _check_betas,
     _check_loss_and_variance,
@@ -566,7 +593,16 @@ def _warn_about_the_endpoint(v: dict[str, Any]) -> None:
 _MEMORY_ONLY_KEYS = ('model.remat',)
 # Weight keys added after checkpoints were first written, with the value that such older
 # checkpoints were trained with: a stored config without the key means that value.
-_LATER_WEIGHT_KEYS = {'model.rescale_timesteps': False, 'model.num_classes': 0}
+_LATER_WEIGHT_KEYS = {
+    'model.rescale_timesteps': False,
+    'model.num_classes': 0,
+    'model.num_heads': 1,
+    'model.num_head_channels': 0,
+    'model.use_scale_shift_norm': False,
+    'model.norm_epsilon': 1e-6,
+    'model.time_embedding': 'ddpm',
+    'model.downsample_padding': 'same',
+}
 
 # What a checkpoint's weights mean: the network, the diffusion it was trained for and the image
 # format. Everything else (data locations, training, optimizer, sampling and eval settings) is

@@ -236,7 +236,7 @@ def _plan(config: ml_collections.ConfigDict, names: set[str]) -> dict[str, tuple
     return plan
 
 
-def _differences(expected: Any, actual: Any, noun: str) -> list[str]:
+def name_differences(expected: Any, actual: Any, noun: str) -> list[str]:
     """'N missing <noun>: a, b, ...' and 'N unexpected <noun>: ...' (at most 8 names each)."""
     problems = []
     expected, actual = set(expected), set(actual)
@@ -276,13 +276,13 @@ def convert_tensors(
         ConversionError: naming every missing, unexpected and mis-shaped tensor.
     """
     plan = _plan(config, set(tensors))
-    if problems := _differences({name for name, _ in plan.values()}, tensors, 'tensors'):
+    if problems := name_differences({name for name, _ in plan.values()}, tensors, 'tensors'):
         raise ConversionError('the weights do not fit config.json: ' + '; '.join(problems))
     flat = {path: _transform(name, tensors[name], kind) for path, (name, kind) in plan.items()}
     # The tree model.init builds, without computing it.
     abstract = experiment.build(config).abstract_state.params
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
-    problems = _differences(expected, flat, 'params')
+    problems = name_differences(expected, flat, 'params')
     wrong = [p for p in sorted(set(flat) & set(expected)) if flat[p].shape != expected[p]]
     if wrong:
         shapes = [f'{p} (from {plan[p][0]}) {flat[p].shape} != {expected[p]}' for p in wrong]
@@ -341,7 +341,7 @@ def load_diffusers_unet(directory: str) -> tuple[ml_collections.ConfigDict, dict
     return config, convert_tensors(tensors, config)
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
     ckpt_dir = epath.Path(workdir) / 'checkpoints'
     return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
 
@@ -362,7 +362,7 @@ def write_workdir(
     Raises:
         ConversionError: `workdir/checkpoints` already holds checkpoints (nothing is written).
     """
-    if _has_checkpoints(workdir):
+    if has_checkpoints(workdir):
         raise ConversionError(f'{workdir}/checkpoints already has checkpoints; use a new --workdir')
     exp = experiment.build(config)
     state = train_state_lib.TrainState.create(
@@ -406,7 +406,7 @@ def run(argv: list[str] | None = None) -> None:
     def main(args: list[str]) -> None:
         if len(args) > 1:
             errors.fail(f'unexpected arguments: {" ".join(args[1:])}', one_line=True)
-        if _has_checkpoints(workdir.value):  # before any work, so nothing is touched
+        if has_checkpoints(workdir.value):  # before any work, so nothing is touched
             errors.fail(
                 f'{workdir.value}/checkpoints already has checkpoints; use a new --workdir',
                 one_line=True,

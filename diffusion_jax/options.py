@@ -9,6 +9,11 @@ from collections.abc import Sequence
 
 MODELS = ('ddpm_unet',)
 DTYPES = ('float32', 'bfloat16', 'float16')
+# The sinusoidal timestep embedding: the original's [sin, cos] or Improved DDPM's [cos, sin]
+# (whose frequencies also differ slightly); see models.layers.get_timestep_embedding.
+TIME_EMBEDDINGS = ('ddpm', 'iddpm')
+# The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
+DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')
 MODEL_MEAN_TYPES = ('eps', 'xprev', 'xstart')
 MODEL_VAR_TYPES = ('fixedlarge', 'fixedsmall', 'learned', 'learned_range')

@@ -121,6 +121,29 @@ _BAD_CONFIGS = (
         ['config.model.num_groups: GroupNorm(32) cannot split the channel counts [48]', 'to 24'],
     ),
     (
+        'heads_must_split_the_attention_channels',
+        {'model.num_heads': 3},
+        ["config.model.num_heads: 3 heads cannot split the attention blocks' channels [256]"],
+    ),
+    (
+        'head_channels_must_divide_every_attention_block',
+        {'model.ch_mult': (1, 3), 'model.attn_resolutions': (32,), 'model.num_head_channels': 96},
+        [
+            'config.model.num_head_channels: 96 does not divide '
+            "the attention blocks' channel counts [128]"
+        ],
+    ),
+    (
+        'unknown_time_embedding_names_the_choices',
+        {'model.time_embedding': 'tf'},
+        ["config.model.time_embedding: unknown value 'tf'", "['ddpm', 'iddpm']"],
+    ),
+    (
+        'norm_epsilon_must_be_positive',
+        {'model.norm_epsilon': 0.0},
+        ['config.model.norm_epsilon: must be in (0, 1), got 0.0'],
+    ),
+    (
         'ch_mult_must_not_be_empty',
         {'model.ch_mult': ()},
         ['config.model.ch_mult: must not be empty'],

@@ -218,6 +218,15 @@ class TimestepEmbeddingTest(parameterized.TestCase):
         # float32 arguments up to t * f = 999 carry ~1e-4 absolute error (999 * 2^-24 * few ulps).
         np.testing.assert_allclose(emb, expected, rtol=0, atol=2e-4)
 
+    def test_iddpm_embedding_is_cos_then_sin_of_frequencies_over_half(self):
+        t = np.array([0.0, 0.25, 17.0, 999.75])  # rescaled timesteps are floats
+        half = 8
+        freqs = np.exp(-math.log(10000) * np.arange(half, dtype=np.float64) / half)
+        args = t[:, None] * freqs[None, :]
+        expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+        emb = layers.get_timestep_embedding(jnp.asarray(t, jnp.float32), 2 * half, 'iddpm')
+        np.testing.assert_allclose(emb, expected, rtol=0, atol=2e-4)
+
 
 class AttnBlockTest(parameterized.TestCase):
     def test_attention_is_softmax_qk_over_sqrt_c_with_residual(self):
@@ -239,8 +248,51 @@ class AttnBlockTest(parameterized.TestCase):
         expected = xn + attended @ p['proj_out']['kernel'] + p['proj_out']['bias']
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
+    def test_heads_attend_separately_over_contiguous_channel_slices(self):
+        b, h, w, c, heads, groups = 2, 4, 4, 16, 4, 4
+        x = _normal(0, (b, h, w, c))
+        block = layers.AttnBlock(num_heads=heads, num_groups=groups)
+        params = _randomize(_init(block, x)['params'], seed=5)
+        out = _apply(block, {'params': params}, x)
+
+        p, xn = _np(params), np.asarray(x, np.float64)
+        hn = _np_group_norm(xn, p['norm']['scale'], p['norm']['bias'], groups)
+        q, k, v = (hn @ p[n]['kernel'] + p[n]['bias'] for n in 'qkv')
+        d = c // heads
+        attended = np.zeros((b, h * w, c))
+        for n in range(heads):
+            part = slice(n * d, (n + 1) * d)
+            qn, kn, vn = (a.reshape(b, h * w, c)[..., part] for a in (q, k, v))
+            logits = np.einsum('bic,bjc->bij', qn, kn) / np.sqrt(d)
+            weights = np.exp(logits - logits.max(-1, keepdims=True))
+            weights /= weights.sum(-1, keepdims=True)
+            attended[..., part] = np.einsum('bij,bjc->bic', weights, vn)
+        attended = attended.reshape(b, h, w, c)
+        expected = xn + attended @ p['proj_out']['kernel'] + p['proj_out']['bias']
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
 
 class ResnetBlockTest(parameterized.TestCase):
+    def test_scale_shift_block_modulates_the_second_group_norm(self):
+        b, s, c, groups = 2, 4, 8, 4
+        x = _normal(0, (b, s, s, c))
+        temb = _normal(1, (b, 12))
+        block = layers.ResnetBlock(num_groups=groups, scale_shift=True, epsilon=1e-5)
+        params = _randomize(_init(block, x, temb, train=False)['params'], seed=4)
+        out = _apply(block, {'params': params}, x, temb, train=False)
+
+        p, xn = _np(params), np.asarray(x, np.float64)
+        self.assertEqual(p['temb_proj']['kernel'].shape, (12, 2 * c))
+        norm = functools.partial(_np_group_norm, num_groups=groups, eps=1e-5)
+        hn = _np_swish(norm(xn, p['norm1']['scale'], p['norm1']['bias']))
+        hn = _np_conv3x3_same(hn, p['conv1']['kernel'], p['conv1']['bias'])
+        emb = _np_swish(np.asarray(temb, np.float64)) @ p['temb_proj']['kernel']
+        emb = (emb + p['temb_proj']['bias'])[:, None, None, :]
+        scale, shift = emb[..., :c], emb[..., c:]
+        hn = _np_swish(norm(hn, p['norm2']['scale'], p['norm2']['bias']) * (1 + scale) + shift)
+        hn = _np_conv3x3_same(hn, p['conv2']['kernel'], p['conv2']['bias'])
+        np.testing.assert_allclose(out, xn + hn, rtol=1e-4, atol=1e-4)
+
     def test_resnet_block_matches_numpy_with_temb_added_after_conv1(self):
         b, s, c_in, c_out, groups = 2, 4, 8, 16, 4
         x = _normal(0, (b, s, s, c_in))
@@ -281,6 +333,20 @@ class ResampleTest(parameterized.TestCase):
         self.assertEqual(out.shape, (2, 4, 4, 4))
         np.testing.assert_allclose(out, conv(((0, 1), (0, 1))), rtol=1e-5, atol=1e-5)
         self.assertGreater(float(jnp.max(jnp.abs(out - conv(((1, 1), (1, 1)))))), 1e-2)
+
+    def test_symmetric_downsample_pads_one_on_every_side_like_pytorch(self):
+        x = np.asarray(_normal(0, (1, 6, 6, 2)), np.float64)
+        block = layers.Downsample(with_conv=True, padding='symmetric')
+        params = _np(_init(block, jnp.asarray(x, jnp.float32))['params'])
+        out = _apply(block, {'params': params}, jnp.asarray(x, jnp.float32))
+        xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        kernel = params['conv']['kernel']
+        expected = sum(  # output (i, j) reads padded rows 2i..2i+2 and columns 2j..2j+2
+            np.einsum('bhwi,io->bhwo', xp[:, dy : dy + 6 : 2, dx : dx + 6 : 2], kernel[dy, dx])
+            for dy in range(3)
+            for dx in range(3)
+        )
+        np.testing.assert_allclose(out, expected + params['conv']['bias'], rtol=1e-5, atol=1e-5)
 
     def test_downsample_without_conv_is_2x2_average(self):
         x = np.random.default_rng(0).normal(size=(2, 6, 6, 3))

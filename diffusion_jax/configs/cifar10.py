@@ -49,6 +49,16 @@ def _model() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.resamp_with_conv = True  # 3x3 conv in down/upsampling (else avg-pool / plain nearest)
     model.num_groups = 32  # GroupNorm groups
+    # Options of Improved DDPM's U-Net (the defaults are the paper's network):
+    model.num_heads = 1  # attention heads (Improved DDPM: 4)
+    model.num_head_channels = 0  # > 0: heads of this many channels each, instead of num_heads
+    # The timestep embedding scales and shifts each block's second GroupNorm,
+    # GroupNorm(h) * (1 + scale) + shift, instead of being added before it.
+    model.use_scale_shift_norm = False
+    # What a PyTorch port (Improved DDPM) does differently; they matter only to run its weights:
+    model.norm_epsilon = 1e-6  # GroupNorm epsilon (tf.contrib's 1e-6; PyTorch's 1e-5)
+    model.time_embedding = 'ddpm'  # options.TIME_EMBEDDINGS: 'ddpm' [sin, cos]; 'iddpm' [cos, sin]
+    model.downsample_padding = 'same'  # options.DOWNSAMPLE_PADDINGS: TF 'same' or 'symmetric'
     model.dtype = 'float32'  # compute dtype, one of options.DTYPES
     model.param_dtype = 'float32'  # storage dtype of the parameters
     model.remat = False  # recompute each block in the backward pass: less memory, same results

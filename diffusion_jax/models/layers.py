@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import options
+
 # The original uses tf.contrib.layers.group_norm, whose epsilon is 1e-6 (PyTorch ports use 1e-5).
 GROUP_NORM_EPSILON = 1e-6
 
@@ -35,12 +37,19 @@ def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
 
 
-def get_timestep_embedding(timesteps: jax.typing.ArrayLike, embedding_dim: int) -> jax.Array:
-    """Sinusoidal embedding [sin(t * f_i), cos(t * f_i)] with f_i = exp(-ln(10000) i / (half - 1)).
+def get_timestep_embedding(
+    timesteps: jax.typing.ArrayLike, embedding_dim: int, flavor: str = 'ddpm'
+) -> jax.Array:
+    """The sinusoidal timestep embedding, in the original's or Improved DDPM's arrangement.
+
+    'ddpm' (the original, after tensor2tensor): [sin(t f_i), cos(t f_i)] with
+    f_i = exp(-ln(10000) i / (half - 1)). 'iddpm' (Improved DDPM's `timestep_embedding`):
+    [cos(t f_i), sin(t f_i)] with f_i = exp(-ln(10000) i / half). i = 0 .. half - 1.
 
     Args:
-        timesteps: [B] integer timesteps (0-indexed).
+        timesteps: [B] timesteps (0-indexed; float when rescaled).
         embedding_dim: D, the embedding width; an odd D gets a zero last column.
+        flavor: 'ddpm' or 'iddpm' (options.TIME_EMBEDDINGS).
 
     Returns:
         [B, D] float32 embedding.
@@ -52,9 +61,12 @@ def get_timestep_embedding(timesteps: jax.typing.ArrayLike, embedding_dim: int) 
     if half_dim < 2:
         # The frequency spacing divides by half_dim - 1.
         raise ValueError(f'embedding_dim must be at least 4, got {embedding_dim}')
-    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000) / (half_dim - 1)))
+    options.check_choice('timestep embedding', flavor, options.TIME_EMBEDDINGS)
+    divisor = half_dim - 1 if flavor == 'ddpm' else half_dim
+    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000) / divisor))
     args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    waves = (jnp.sin(args), jnp.cos(args)) if flavor == 'ddpm' else (jnp.cos(args), jnp.sin(args))
+    emb = jnp.concatenate(waves, axis=1)
     if embedding_dim % 2 == 1:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -68,13 +80,14 @@ def conv3x3(
     param_dtype: Any,
     init_scale: float = 1.0,
     strides: int = 1,
+    padding: str | tuple[tuple[int, int], tuple[int, int]] = 'SAME',
 ) -> nn.Conv:
-    """A 3x3 conv with TF 'SAME' padding and the original's initializer."""
+    """A 3x3 conv with TF 'SAME' padding (or explicit padding) and the original's initializer."""
     return nn.Conv(
         features,
         kernel_size=(3, 3),
         strides=(strides, strides),
-        padding='SAME',
+        padding=padding,
         kernel_init=default_init(init_scale),
         dtype=dtype,
         param_dtype=param_dtype,
@@ -85,10 +98,16 @@ def conv3x3(
 class ResnetBlock(nn.Module):
     """GroupNorm, swish, conv3x3, + Dense(swish(temb)), GroupNorm, swish, dropout, conv3x3.
 
+    With `scale_shift` (Improved DDPM's `use_scale_shift_norm`) the timestep projection is twice
+    as wide, [scale, shift], and modulates the second GroupNorm instead of being added before
+    it: GroupNorm(h) * (1 + scale) + shift.
+
     Attributes:
         out_ch: output channels; None keeps the input's channel count.
         dropout: dropout rate before the second conv.
         num_groups: GroupNorm groups.
+        epsilon: GroupNorm epsilon.
+        scale_shift: modulate the second GroupNorm by the timestep embedding (see above).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -96,6 +115,8 @@ class ResnetBlock(nn.Module):
     out_ch: int | None = None
     dropout: float = 0.0
     num_groups: int = 32
+    epsilon: float = GROUP_NORM_EPSILON
+    scale_shift: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -115,13 +136,19 @@ class ResnetBlock(nn.Module):
         in_ch = x.shape[-1]
         out_ch = in_ch if self.out_ch is None else self.out_ch
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
-        norm = {'num_groups': self.num_groups, 'epsilon': GROUP_NORM_EPSILON, **dtypes}
+        norm = {'num_groups': self.num_groups, 'epsilon': self.epsilon, **dtypes}
 
         h = nn.swish(nn.GroupNorm(name='norm1', **norm)(x))
         h = conv3x3(out_ch, name='conv1', **dtypes)(h)
-        temb_proj = nn.Dense(out_ch, kernel_init=default_init(), name='temb_proj', **dtypes)
-        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(nn.GroupNorm(name='norm2', **norm)(h))
+        width = 2 * out_ch if self.scale_shift else out_ch
+        temb_proj = nn.Dense(width, kernel_init=default_init(), name='temb_proj', **dtypes)
+        emb = temb_proj(nn.swish(temb))[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = nn.GroupNorm(name='norm2', **norm)(h) * (1 + scale) + shift
+        else:
+            h = nn.GroupNorm(name='norm2', **norm)(h + emb)
+        h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Near-zero init makes each fresh block start close to the identity.
         h = conv3x3(out_ch, init_scale=0.0, name='conv2', **dtypes)(h)
@@ -163,7 +190,7 @@ def attention_implementation(dtype: Any, head_dim: int, max_head_dim: int | None
 
     Args:
         dtype: the dtype of q, k and v.
-        head_dim: channels per head (all C channels: the block has one head).
+        head_dim: channels per head.
         max_head_dim: `cudnn_max_head_dim()` of the machine; None: no cuDNN attention.
 
     Returns:
@@ -175,24 +202,32 @@ def attention_implementation(dtype: Any, head_dim: int, max_head_dim: int | None
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual connection.
+    """Self-attention over all H*W positions, with a residual connection.
+
+    One head by default, as in the original; with several, head n uses channels
+    [n C / heads, (n + 1) C / heads) of q, k and v.
 
     Attributes:
+        num_heads: attention heads; must divide the channel count.
         num_groups: GroupNorm groups.
+        epsilon: GroupNorm epsilon.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `cudnn_max_head_dim()` of the machine, decided when the model is
             built; None (the default) always uses XLA's attention.
     """
 
+    num_heads: int = 1
     num_groups: int = 32
+    epsilon: float = GROUP_NORM_EPSILON
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x + proj_out(softmax(q k^T / sqrt(C)) v), with q, k, v 1x1 projections of GroupNorm(x).
+        """x + proj_out(softmax(q k^T / sqrt(d)) v) per head of d = C / heads channels, with q, k, v
+        1x1 projections of GroupNorm(x).
 
         Args:
             x: [B, H, W, C] feature map.
@@ -202,15 +237,16 @@ class AttnBlock(nn.Module):
         """
         b, height, width, c = x.shape
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
-        h = nn.GroupNorm(
-            num_groups=self.num_groups, epsilon=GROUP_NORM_EPSILON, name='norm', **dtypes
-        )(x)
+        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, name='norm', **dtypes)(x)
         q, k, v = (
             nn.Dense(c, kernel_init=default_init(), name=name, **dtypes)(h) for name in 'qkv'
         )
-        # [B, T, N, C] with one head; the default scale is 1 / sqrt(C), as in the original.
-        q, k, v = (a.reshape(b, height * width, 1, c) for a in (q, k, v))
-        implementation = attention_implementation(q.dtype, c, self.cudnn_max_head_dim)
+        if c % self.num_heads:
+            raise ValueError(f'{self.num_heads} attention heads cannot split {c} channels')
+        head_dim = c // self.num_heads
+        # [B, T, N, d]; the default scale is 1 / sqrt(d), as in the original (one head, d = C).
+        q, k, v = (a.reshape(b, height * width, self.num_heads, head_dim) for a in (q, k, v))
+        implementation = attention_implementation(q.dtype, head_dim, self.cudnn_max_head_dim)
         h = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         h = h.reshape(b, height, width, c)
         h = nn.Dense(c, kernel_init=default_init(0.0), name='proj_out', **dtypes)(h)
@@ -221,24 +257,33 @@ class Downsample(nn.Module):
     """Halves H and W: a stride-2 3x3 conv, or 2x2 average pooling.
 
     TF's 'SAME' padding (which Flax and lax share) pads an even-sized input only at the bottom
-    and right for a stride-2 3x3 conv; PyTorch's symmetric padding of 1 is a different function.
+    and right for a stride-2 3x3 conv; PyTorch's symmetric padding of 1 (Improved DDPM's) is a
+    different function, chosen with `padding='symmetric'`.
 
     Attributes:
         with_conv: use the conv (else average pooling, which has no parameters).
+        padding: the conv's padding: 'same' (the original's) or 'symmetric' (1 on every side).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     with_conv: bool = True
+    padding: str = 'same'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Downsamples x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C]."""
+        """Downsamples x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C] (even H, W)."""
         if self.with_conv:
+            options.check_choice('downsample padding', self.padding, options.DOWNSAMPLE_PADDINGS)
             return conv3x3(
-                x.shape[-1], strides=2, name='conv', dtype=self.dtype, param_dtype=self.param_dtype
+                x.shape[-1],
+                strides=2,
+                padding='SAME' if self.padding == 'same' else ((1, 1), (1, 1)),
+                name='conv',
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
             )(x)
         # TF's avg_pool leaves padded cells out of the mean (matters only for odd sizes).
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)

@@ -30,6 +30,14 @@ class UNet(nn.Module):
         dropout: dropout rate inside the residual blocks.
         resamp_with_conv: 3x3 conv in down/upsampling (else average pooling / plain nearest).
         num_groups: GroupNorm groups.
+        norm_epsilon: GroupNorm epsilon (the original's 1e-6; PyTorch's default 1e-5).
+        num_heads: attention heads per attention block (the original has one).
+        num_head_channels: > 0: heads of this many channels each (C / num_head_channels heads),
+            instead of num_heads.
+        scale_shift_norm: the timestep embedding scales and shifts the second GroupNorm of each
+            residual block (Improved DDPM's use_scale_shift_norm) instead of being added.
+        time_embedding: 'ddpm' or 'iddpm' sinusoidal embedding (`layers.get_timestep_embedding`).
+        downsample_padding: 'same' (TF, the original's) or 'symmetric' (PyTorch's) stride-2 conv.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
@@ -52,6 +60,12 @@ class UNet(nn.Module):
     dropout: float
     resamp_with_conv: bool = True
     num_groups: int = 32
+    norm_epsilon: float = layers.GROUP_NORM_EPSILON
+    num_heads: int = 1
+    num_head_channels: int = 0
+    scale_shift_norm: bool = False
+    time_embedding: str = 'ddpm'
+    downsample_padding: str = 'same'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
@@ -65,15 +79,20 @@ class UNet(nn.Module):
             out_ch=out_ch,
             dropout=self.dropout,
             num_groups=self.num_groups,
+            epsilon=self.norm_epsilon,
+            scale_shift=self.scale_shift_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
         )
 
-    def _attn_block(self, name: str) -> layers.AttnBlock:
+    def _attn_block(self, channels: int, name: str) -> layers.AttnBlock:
         cls = layers.RematAttnBlock if self.remat else layers.AttnBlock
+        heads = channels // self.num_head_channels if self.num_head_channels else self.num_heads
         return cls(
+            num_heads=heads,
             num_groups=self.num_groups,
+            epsilon=self.norm_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             cudnn_max_head_dim=self.cudnn_max_head_dim,
@@ -89,9 +108,10 @@ class UNet(nn.Module):
             param_dtype=self.param_dtype,
         )
 
-    def _resample(self, cls: type[nn.Module], name: str) -> nn.Module:
+    def _resample(self, cls: type[nn.Module], name: str, **kwargs: Any) -> nn.Module:
         return cls(
             with_conv=self.resamp_with_conv,
+            **kwargs,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -102,7 +122,7 @@ class UNet(nn.Module):
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
         if self.timestep_scale != 1.0:
             t = t.astype(jnp.float32) * self.timestep_scale
-        temb = layers.get_timestep_embedding(t, self.ch)
+        temb = layers.get_timestep_embedding(t, self.ch, self.time_embedding)
         temb = nn.Dense(
             4 * self.ch, kernel_init=layers.default_init(), name='temb_dense0', **dtypes
         )(temb)
@@ -118,10 +138,15 @@ class UNet(nn.Module):
                 block = self._resnet_block(self.ch * mult, f'down_{i_level}_block_{i_block}')
                 h = block(hs[-1], temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = self._attn_block(f'down_{i_level}_attn_{i_block}')(h)
+                    h = self._attn_block(h.shape[-1], f'down_{i_level}_attn_{i_block}')(h)
                 hs.append(h)
             if i_level != len(self.ch_mult) - 1:
-                hs.append(self._resample(layers.Downsample, f'down_{i_level}_downsample')(hs[-1]))
+                down = self._resample(
+                    layers.Downsample,
+                    f'down_{i_level}_downsample',
+                    padding=self.downsample_padding,
+                )
+                hs.append(down(hs[-1]))
         return hs
 
     def _up_path(
@@ -139,7 +164,7 @@ class UNet(nn.Module):
                 )
                 h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = self._attn_block(f'up_{i_level}_attn_{i_block}')(h)
+                    h = self._attn_block(h.shape[-1], f'up_{i_level}_attn_{i_block}')(h)
             if i_level != 0:
                 h = self._resample(layers.Upsample, f'up_{i_level}_upsample')(h)
         assert not hs, 'every skip connection must be consumed'
@@ -197,13 +222,13 @@ class UNet(nn.Module):
         hs = self._down_path(x, temb, train)
 
         h = self._resnet_block(None, 'mid_block_1')(hs[-1], temb, train)
-        h = self._attn_block('mid_attn_1')(h)
+        h = self._attn_block(h.shape[-1], 'mid_attn_1')(h)
         h = self._resnet_block(None, 'mid_block_2')(h, temb, train)
 
         h = self._up_path(h, hs, temb, train)
         h = nn.GroupNorm(
             num_groups=self.num_groups,
-            epsilon=layers.GROUP_NORM_EPSILON,
+            epsilon=self.norm_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name='norm_out',
