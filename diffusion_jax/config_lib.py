@@ -90,6 +90,7 @@ SCHEMA: dict[str, Field] = {
     'model.dtype': Field(str, choices=options.DTYPES),
     'model.param_dtype': Field(str, choices=options.DTYPES),
     'model.remat': Field(bool),
+    'model.conv_impl': Field(str, choices=options.CONV_IMPLS),
     'model.rescale_timesteps': Field(bool),
     'model.num_classes': Field(int, bounds=_NON_NEGATIVE),  # 0: unconditional
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
@@ -590,7 +591,7 @@ def _warn_about_the_endpoint(v: dict[str, Any]) -> None:
 
 
 # model.* keys that change how the network is computed, not its weights or its outputs.
-_MEMORY_ONLY_KEYS = ('model.remat',)
+_COMPUTATION_ONLY_KEYS = ('model.remat', 'model.conv_impl')
 # Weight keys added after checkpoints were first written, with the value that such older
 # checkpoints were trained with: a stored config without the key means that value.
 _LATER_WEIGHT_KEYS = {
@@ -611,7 +612,7 @@ WEIGHT_KEYS = (
     *(
         key
         for key in SCHEMA
-        if key.startswith(('model.', 'diffusion.')) and key not in _MEMORY_ONLY_KEYS
+        if key.startswith(('model.', 'diffusion.')) and key not in _COMPUTATION_ONLY_KEYS
     ),
     'data.image_size',
     'data.num_channels',

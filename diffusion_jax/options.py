@@ -12,6 +12,12 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # The sinusoidal timestep embedding: the original's [sin, cos] or Improved DDPM's [cos, sin]
 # (whose frequencies also differ slightly); see models.layers.get_timestep_embedding.
 TIME_EMBEDDINGS = ('ddpm', 'iddpm')
+# How the 3x3 convolutions are computed (models.layers.conv3x3): XLA's convolution, one im2col
+# matmul or nine shifted matmuls; 'auto' takes AUTO_CONV_IMPL of the backend: XLA's everywhere,
+# the fastest measured on a CPU too (BENCHMARKS.md). The same parameters and function whichever
+# is used.
+CONV_IMPLS = ('auto', 'im2col', 'shifted', 'xla')
+AUTO_CONV_IMPL = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')

@@ -313,6 +313,45 @@ class ResnetBlockTest(parameterized.TestCase):
         np.testing.assert_allclose(out, skip + hn, rtol=1e-4, atol=1e-4)
 
 
+class ConvImplTest(parameterized.TestCase):
+    @parameterized.product(
+        impl=('im2col', 'shifted'),
+        case=(
+            (1, 'SAME', 4),  # a 4x4 map
+            (1, 'SAME', 8),  # the stride-1 convs
+            (2, 'SAME', 8),  # the original's downsample: padded at the bottom and right only
+            (2, ((1, 1), (1, 1)), 8),  # Improved DDPM's downsample
+            (1, 'SAME', 5),  # an odd size
+        ),
+    )
+    def test_matmul_conv_is_xla_conv_with_the_same_params(self, impl, case):
+        strides, padding, size = case
+        x = _normal(0, (2, size, size, 6))
+        kwargs = dict(strides=strides, padding=padding, dtype=jnp.float32, param_dtype=jnp.float32)
+        reference = layers.conv3x3(5, name='conv', impl='xla', **kwargs)
+        ours = layers.conv3x3(5, name='conv', impl=impl, **kwargs)
+        params = _init(reference, x)
+        self.assertEqual(jax.tree.map(np.shape, _init(ours, x)), jax.tree.map(np.shape, params))
+        jax.tree.map(np.testing.assert_array_equal, _init(ours, x), params)  # the same init
+        params = _randomize(params['params'], seed=1, scale=1.0)
+        out, expected = (_apply(m, {'params': params}, x) for m in (ours, reference))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        # The gradients, as a train step takes them, agree as well.
+        cotangent = _normal(2, expected.shape)
+
+        def grads(module):
+            def f(p, x):
+                return jnp.sum(module.apply({'params': p}, x) * cotangent)
+
+            return jax.grad(f, argnums=(0, 1))(params, x)
+
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+            grads(ours),
+            grads(reference),
+        )
+
+
 class ResampleTest(parameterized.TestCase):
     def test_stride2_downsample_pads_only_bottom_right_like_tf_same(self):
         x = _normal(0, (2, 8, 8, 4))

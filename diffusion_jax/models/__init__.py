@@ -6,6 +6,7 @@ arguments.
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -18,6 +19,14 @@ _MODELS = {'ddpm_unet': unet.UNet}
 def _get_dtype(name: str, key: str) -> Any:
     options.check_choice(f'config.model.{key}', name, options.DTYPES)
     return jnp.dtype(name)
+
+
+def conv_impl(name: str) -> str:
+    """`config.model.conv_impl` with 'auto' resolved for this machine's default backend."""
+    options.check_choice('config.model.conv_impl', name, options.CONV_IMPLS)
+    if name != 'auto':
+        return name
+    return options.AUTO_CONV_IMPL.get(jax.default_backend(), 'xla')
 
 
 def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
@@ -53,6 +62,7 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         scale_shift_norm=m.use_scale_shift_norm,
         time_embedding=m.time_embedding,
         downsample_padding=m.downsample_padding,
+        conv_impl=conv_impl(m.conv_impl),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(),

@@ -81,18 +81,93 @@ def conv3x3(
     init_scale: float = 1.0,
     strides: int = 1,
     padding: str | tuple[tuple[int, int], tuple[int, int]] = 'SAME',
-) -> nn.Conv:
-    """A 3x3 conv with TF 'SAME' padding (or explicit padding) and the original's initializer."""
-    return nn.Conv(
+    impl: str = 'xla',
+) -> nn.Module:
+    """A 3x3 conv with TF 'SAME' padding (or explicit padding) and the original's initializer.
+
+    Args:
+        impl: 'xla' (XLA's convolution, `nn.Conv`), 'im2col' (one matmul over the 9 shifted
+            copies of the input, concatenated on the channel axis) or 'shifted' (a sum of 9
+            matmuls, one per kernel tap). The same parameters and function whichever it is.
+    """
+    if impl == 'xla':
+        return nn.Conv(
+            features,
+            kernel_size=(3, 3),
+            strides=(strides, strides),
+            padding=padding,
+            kernel_init=default_init(init_scale),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name=name,
+        )
+    return MatmulConv3x3(
         features,
-        kernel_size=(3, 3),
-        strides=(strides, strides),
+        strides=strides,
         padding=padding,
-        kernel_init=default_init(init_scale),
+        init_scale=init_scale,
+        impl=impl,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
     )
+
+
+def _pads(size: int, stride: int, padding: Any, axis: int) -> tuple[int, int]:
+    """(before, after) zero rows of a 3-wide window along one axis: TF 'SAME' or explicit."""
+    if padding != 'SAME':
+        return tuple(padding[axis])
+    out = -(-size // stride)
+    total = max((out - 1) * stride + 3 - size, 0)
+    return total // 2, total - total // 2
+
+
+class MatmulConv3x3(nn.Module):
+    """`nn.Conv`'s 3x3 convolution computed as matmuls: the same params ('kernel' [3, 3, Cin,
+    Cout], 'bias' [Cout]), initialisation and function.
+
+    Attributes:
+        features: Cout.
+        strides: the stride of both spatial axes.
+        padding: 'SAME' (TF's) or ((top, bottom), (left, right)).
+        init_scale: `default_init`'s scale of the kernel.
+        impl: 'im2col' (one [B Ho Wo, 9 Cin] x [9 Cin, Cout] matmul) or 'shifted' (nine
+            [B Ho Wo, Cin] x [Cin, Cout] matmuls, summed).
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    features: int
+    strides: int = 1
+    padding: Any = 'SAME'
+    init_scale: float = 1.0
+    impl: str = 'im2col'
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, Ho, Wo, Cout]."""
+        options.check_choice('conv impl', self.impl, ('im2col', 'shifted'))
+        _, h, w, cin = x.shape
+        kernel_init = default_init(self.init_scale)
+        kernel = self.param('kernel', kernel_init, (3, 3, cin, self.features), self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        s = self.strides
+        (top, bottom), (left, right) = (_pads(n, s, self.padding, i) for i, n in enumerate((h, w)))
+        xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        ho, wo = (h + top + bottom - 3) // s + 1, (w + left + right - 3) // s + 1
+        taps = [
+            xp[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s, :]
+            for dy in range(3)
+            for dx in range(3)
+        ]
+        if self.impl == 'im2col':
+            y = jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * cin, self.features)
+        else:
+            y = sum(tap @ kernel[i // 3, i % 3] for i, tap in enumerate(taps))
+        return y + bias
 
 
 class ResnetBlock(nn.Module):
@@ -108,6 +183,7 @@ class ResnetBlock(nn.Module):
         num_groups: GroupNorm groups.
         epsilon: GroupNorm epsilon.
         scale_shift: modulate the second GroupNorm by the timestep embedding (see above).
+        conv_impl: how the 3x3 convs are computed (`conv3x3`'s `impl`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -117,6 +193,7 @@ class ResnetBlock(nn.Module):
     num_groups: int = 32
     epsilon: float = GROUP_NORM_EPSILON
     scale_shift: bool = False
+    conv_impl: str = 'xla'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -139,7 +216,7 @@ class ResnetBlock(nn.Module):
         norm = {'num_groups': self.num_groups, 'epsilon': self.epsilon, **dtypes}
 
         h = nn.swish(nn.GroupNorm(name='norm1', **norm)(x))
-        h = conv3x3(out_ch, name='conv1', **dtypes)(h)
+        h = conv3x3(out_ch, name='conv1', impl=self.conv_impl, **dtypes)(h)
         width = 2 * out_ch if self.scale_shift else out_ch
         temb_proj = nn.Dense(width, kernel_init=default_init(), name='temb_proj', **dtypes)
         emb = temb_proj(nn.swish(temb))[:, None, None, :]
@@ -151,7 +228,7 @@ class ResnetBlock(nn.Module):
         h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Near-zero init makes each fresh block start close to the identity.
-        h = conv3x3(out_ch, init_scale=0.0, name='conv2', **dtypes)(h)
+        h = conv3x3(out_ch, init_scale=0.0, name='conv2', impl=self.conv_impl, **dtypes)(h)
 
         if in_ch != out_ch:
             # The original's `nin` is a Dense on the channel axis (kernel [C_in, C_out]).
@@ -263,12 +340,14 @@ class Downsample(nn.Module):
     Attributes:
         with_conv: use the conv (else average pooling, which has no parameters).
         padding: the conv's padding: 'same' (the original's) or 'symmetric' (1 on every side).
+        conv_impl: how the conv is computed (`conv3x3`'s `impl`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     with_conv: bool = True
     padding: str = 'same'
+    conv_impl: str = 'xla'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -281,6 +360,7 @@ class Downsample(nn.Module):
                 x.shape[-1],
                 strides=2,
                 padding='SAME' if self.padding == 'same' else ((1, 1), (1, 1)),
+                impl=self.conv_impl,
                 name='conv',
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -297,11 +377,13 @@ class Upsample(nn.Module):
 
     Attributes:
         with_conv: apply the 3x3 conv after resizing.
+        conv_impl: how the conv is computed (`conv3x3`'s `impl`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     with_conv: bool = True
+    conv_impl: str = 'xla'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -310,7 +392,13 @@ class Upsample(nn.Module):
         """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = conv3x3(x.shape[-1], name='conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+            x = conv3x3(
+                x.shape[-1],
+                name='conv',
+                impl=self.conv_impl,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )(x)
         return x
 
 

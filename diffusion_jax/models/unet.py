@@ -38,6 +38,8 @@ class UNet(nn.Module):
             residual block (Improved DDPM's use_scale_shift_norm) instead of being added.
         time_embedding: 'ddpm' or 'iddpm' sinusoidal embedding (`layers.get_timestep_embedding`).
         downsample_padding: 'same' (TF, the original's) or 'symmetric' (PyTorch's) stride-2 conv.
+        conv_impl: how every 3x3 conv is computed: 'xla', 'im2col' or 'shifted'
+            (`layers.conv3x3`); the same parameters and function.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
@@ -66,6 +68,7 @@ class UNet(nn.Module):
     scale_shift_norm: bool = False
     time_embedding: str = 'ddpm'
     downsample_padding: str = 'same'
+    conv_impl: str = 'xla'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
@@ -81,6 +84,7 @@ class UNet(nn.Module):
             num_groups=self.num_groups,
             epsilon=self.norm_epsilon,
             scale_shift=self.scale_shift_norm,
+            conv_impl=self.conv_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -99,11 +103,12 @@ class UNet(nn.Module):
             name=name,
         )
 
-    def _conv3x3(self, features: int, init_scale: float, name: str) -> nn.Conv:
+    def _conv3x3(self, features: int, init_scale: float, name: str) -> nn.Module:
         return layers.conv3x3(
             features,
             init_scale=init_scale,
             name=name,
+            impl=self.conv_impl,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -111,6 +116,7 @@ class UNet(nn.Module):
     def _resample(self, cls: type[nn.Module], name: str, **kwargs: Any) -> nn.Module:
         return cls(
             with_conv=self.resamp_with_conv,
+            conv_impl=self.conv_impl,
             **kwargs,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
