@@ -21,6 +21,7 @@ weight -> scale.
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -248,15 +249,52 @@ def name_differences(expected: Any, actual: Any, noun: str) -> list[str]:
     return problems
 
 
-def _transform(name: str, w: np.ndarray, kind: str) -> np.ndarray:
+def transform(name: str, w: np.ndarray, kind: str) -> np.ndarray:
+    """A PyTorch tensor in our layout: conv [out, in, kh, kw] -> [kh, kw, in, out]; linear or
+    1x1 conv [out, in(, 1(, 1))] -> [in, out]; GroupNorm weights and biases as they are."""
     w = np.asarray(w, np.float32)
     if kind == 'conv' and w.ndim == 4:
-        return np.transpose(w, (2, 3, 1, 0))  # [out, in, kh, kw] -> [kh, kw, in, out]
-    if kind == 'dense' and (w.ndim == 2 or (w.ndim == 4 and w.shape[2:] == (1, 1))):
-        return np.ascontiguousarray(w.reshape(w.shape[:2]).T)  # [out, in(, 1, 1)] -> [in, out]
+        return np.transpose(w, (2, 3, 1, 0))
+    if kind == 'dense' and (w.ndim == 2 or (w.ndim >= 3 and set(w.shape[2:]) == {1})):
+        return np.ascontiguousarray(w.reshape(w.shape[:2]).T)
     if kind in ('norm', 'vector') and w.ndim == 1:
         return w
     raise ConversionError(f'tensor {name} has shape {list(w.shape)}, not that of a {kind} layer')
+
+
+def params_from_plan(
+    plan: dict[str, tuple[str, Any]],
+    tensors: dict[str, np.ndarray],
+    config: ml_collections.ConfigDict,
+    transform_fn: Any,
+    source: str,
+) -> dict[str, Any]:
+    """Our nested params from a name plan, every tensor checked against the config's network.
+
+    Args:
+        plan: our flat param path ('down_0_block_0/conv1/kernel') -> (their tensor name, layout).
+        tensors: their name -> array.
+        config: builds the network the params must fit.
+        transform_fn: (name, array, layout) -> the array in our layout.
+        source: what describes their network, for messages ('config.json').
+
+    Raises:
+        ConversionError: naming every missing, unexpected and mis-shaped tensor.
+    """
+    if problems := name_differences({name for name, _ in plan.values()}, tensors, 'tensors'):
+        raise ConversionError(f'the weights do not fit {source}: ' + '; '.join(problems))
+    flat = {path: transform_fn(name, tensors[name], kind) for path, (name, kind) in plan.items()}
+    # The tree model.init builds, without computing it.
+    abstract = experiment.build(config).abstract_state.params
+    expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
+    problems = name_differences(expected, flat, 'params')
+    wrong = [p for p in sorted(set(flat) & set(expected)) if flat[p].shape != expected[p]]
+    if wrong:
+        shapes = [f'{p} (from {plan[p][0]}) {flat[p].shape} != {expected[p]}' for p in wrong]
+        problems.append(f'{len(wrong)} shapes differ (ours != expected): ' + ', '.join(shapes[:8]))
+    if problems:
+        raise ConversionError('the weights do not fit our U-Net: ' + '; '.join(problems))
+    return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def convert_tensors(
@@ -276,20 +314,7 @@ def convert_tensors(
         ConversionError: naming every missing, unexpected and mis-shaped tensor.
     """
     plan = _plan(config, set(tensors))
-    if problems := name_differences({name for name, _ in plan.values()}, tensors, 'tensors'):
-        raise ConversionError('the weights do not fit config.json: ' + '; '.join(problems))
-    flat = {path: _transform(name, tensors[name], kind) for path, (name, kind) in plan.items()}
-    # The tree model.init builds, without computing it.
-    abstract = experiment.build(config).abstract_state.params
-    expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
-    problems = name_differences(expected, flat, 'params')
-    wrong = [p for p in sorted(set(flat) & set(expected)) if flat[p].shape != expected[p]]
-    if wrong:
-        shapes = [f'{p} (from {plan[p][0]}) {flat[p].shape} != {expected[p]}' for p in wrong]
-        problems.append(f'{len(wrong)} shapes differ (ours != expected): ' + ', '.join(shapes[:8]))
-    if problems:
-        raise ConversionError('the weights do not fit our U-Net: ' + '; '.join(problems))
-    return traverse_util.unflatten_dict(flat, sep='/')
+    return params_from_plan(plan, tensors, config, transform, 'config.json')
 
 
 def _find(directory: str) -> tuple[str, str | None]:
@@ -382,6 +407,28 @@ def write_workdir(
     image_io.save_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 
+def convert_into_workdir(
+    args: list[str], workdir: str, convert: Callable[[], tuple[ml_collections.ConfigDict, Any]]
+) -> None:
+    """A converter's command-line main: `convert()` -> (config, params) into a new `workdir`.
+
+    Refuses leftover arguments and a workdir that has checkpoints before any work; a user
+    error ends the run with one `error:` line and exit status 2, nothing written.
+    """
+    if len(args) > 1:
+        errors.fail(f'unexpected arguments: {" ".join(args[1:])}', one_line=True)
+    if has_checkpoints(workdir):  # before any work, so nothing is touched
+        errors.fail(
+            f'{workdir}/checkpoints already has checkpoints; use a new --workdir', one_line=True
+        )
+    try:
+        config, params = convert()
+        write_workdir(config, params, workdir)
+    except (errors.UserError, OSError) as e:
+        errors.fail(str(e), one_line=True)
+    logging.info('wrote %s: use it as --workdir of --mode=sample or eval', workdir)
+
+
 def run(argv: list[str] | None = None) -> None:
     """`python -m diffusion_jax.convert --diffusers_dir=DIR --workdir=OUT`; user errors exit 2.
 
@@ -403,25 +450,15 @@ def run(argv: list[str] | None = None) -> None:
         except flags.Error as e:
             errors.fail(str(e), one_line=True)
 
-    def main(args: list[str]) -> None:
-        if len(args) > 1:
-            errors.fail(f'unexpected arguments: {" ".join(args[1:])}', one_line=True)
-        if has_checkpoints(workdir.value):  # before any work, so nothing is touched
-            errors.fail(
-                f'{workdir.value}/checkpoints already has checkpoints; use a new --workdir',
-                one_line=True,
-            )
-        try:
-            config, params = load_diffusers_unet(source.value)
-            if dataset.value:
-                config.data.dataset = dataset.value
-                config_lib.validate(config)
-            write_workdir(config, params, workdir.value)
-        except (errors.UserError, OSError) as e:
-            errors.fail(str(e), one_line=True)
-        logging.info('wrote %s: use it as --workdir of --mode=sample or eval', workdir.value)
+    def convert() -> tuple[ml_collections.ConfigDict, Any]:
+        config, params = load_diffusers_unet(source.value)
+        if dataset.value:
+            config.data.dataset = dataset.value
+            config_lib.validate(config)
+        return config, params
 
-    app.run(main, argv=argv, flags_parser=parse)
+    app.run(lambda args: convert_into_workdir(args, workdir.value, convert), argv=argv,
+            flags_parser=parse)  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -30,9 +30,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import traverse_util
 
-from diffusion_jax import config_lib, convert, errors, experiment
+from diffusion_jax import config_lib, convert, errors
 
 ConversionError = errors.ConversionError
 
@@ -129,8 +128,8 @@ def _plan(config: ml_collections.ConfigDict, names: set[str]) -> dict[str, tuple
 
 
 def _transform(name: str, w: np.ndarray, kind: Any) -> np.ndarray:
-    """Their tensor in our layout: conv [out, in, kh, kw] -> [kh, kw, in, out], linear or 1x1
-    conv [out, in(, 1(, 1))] -> [in, out], qkv rows [heads, 3, d] -> q, k or v's [heads * d]."""
+    """Their tensor in our layout: qkv rows [heads, 3, d] -> q, k or v's [heads * d], the label
+    embedding with a null row, the rest as `convert.transform` lays it out."""
     w = np.asarray(w, np.float32)
     if isinstance(kind, tuple):  # ('qkv', which of q k v, heads)
         _, which, heads = kind
@@ -140,15 +139,9 @@ def _transform(name: str, w: np.ndarray, kind: Any) -> np.ndarray:
         part = w.reshape(heads, 3, rows // (3 * heads), *w.shape[1:])[:, which]
         part = part.reshape(rows // 3, *w.shape[1:])
         return part if part.ndim == 1 else np.ascontiguousarray(part.reshape(part.shape[:2]).T)
-    if kind == 'conv' and w.ndim == 4:
-        return np.transpose(w, (2, 3, 1, 0))
-    if kind == 'dense' and (w.ndim == 2 or (w.ndim >= 3 and set(w.shape[2:]) == {1})):
-        return np.ascontiguousarray(w.reshape(w.shape[:2]).T)
     if kind == 'embedding' and w.ndim == 2:
         return np.concatenate([w, np.zeros_like(w[:1])])  # the null label K: never trained
-    if kind in ('norm', 'vector') and w.ndim == 1:
-        return w
-    raise ConversionError(f'tensor {name} has shape {list(w.shape)}, not that of a {kind} layer')
+    return convert.transform(name, w, kind)
 
 
 def convert_state_dict(
@@ -170,27 +163,14 @@ def convert_state_dict(
     """
     check_conventions(config)
     plan = _plan(config, set(state))
-    expected_names = {name for name, _ in plan.values()}
-    if problems := convert.name_differences(expected_names, state, 'tensors'):
-        raise ConversionError('the weights do not fit the config: ' + '; '.join(problems))
-    flat = {path: _transform(name, state[name], kind) for path, (name, kind) in plan.items()}
-    abstract = experiment.build(config).abstract_state.params
-    expected = {k: v.shape for k, v in traverse_util.flatten_dict(abstract, sep='/').items()}
-    problems = convert.name_differences(expected, flat, 'params')
-    wrong = [p for p in sorted(set(flat) & set(expected)) if flat[p].shape != expected[p]]
-    if wrong:
-        shapes = [f'{p} (from {plan[p][0]}) {flat[p].shape} != {expected[p]}' for p in wrong]
-        differ = f"{len(wrong)} shapes differ (theirs != the config's): "
-        problems.append(differ + ', '.join(shapes[:8]))
-    if problems:
-        raise ConversionError('the weights do not fit the config: ' + '; '.join(problems))
+    params = convert.params_from_plan(plan, state, config, _transform, 'the config')
     if config.model.num_classes:
         logging.warning(
             'Improved DDPM has no null label: its embedding (label %d) is zero, so classifier-'
             'free guidance (sampling.guidance_scale) means nothing for these weights',
             config.model.num_classes,
         )
-    return traverse_util.unflatten_dict(flat, sep='/')
+    return params
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -241,24 +221,13 @@ def run(argv: list[str] | None = None) -> None:
         except (flags.Error, AttributeError, KeyError, OSError, ImportError, SyntaxError) as e:
             errors.fail(f'bad flags: {str(e).splitlines()[-1].strip()}', one_line=True)
 
-    def main(args: list[str]) -> None:
-        if len(args) > 1:
-            errors.fail(f'unexpected arguments: {" ".join(args[1:])}', one_line=True)
-        if convert.has_checkpoints(workdir.value):  # before any work, so nothing is touched
-            errors.fail(
-                f'{workdir.value}/checkpoints already has checkpoints; use a new --workdir',
-                one_line=True,
-            )
-        try:
-            config = config_flag.value
-            config_lib.validate(config)
-            params = convert_state_dict(load_state_dict(checkpoint.value), config)
-            convert.write_workdir(config, params, workdir.value)
-        except (errors.UserError, OSError) as e:
-            errors.fail(str(e), one_line=True)
-        logging.info('wrote %s: use it as --workdir of --mode=sample or eval', workdir.value)
+    def converted() -> tuple[ml_collections.ConfigDict, Any]:
+        config = config_flag.value
+        config_lib.validate(config)
+        return config, convert_state_dict(load_state_dict(checkpoint.value), config)
 
-    app.run(main, argv=argv, flags_parser=parse)
+    app.run(lambda args: convert.convert_into_workdir(args, workdir.value, converted), argv=argv,
+            flags_parser=parse)  # fmt: skip
 
 
 if __name__ == '__main__':
