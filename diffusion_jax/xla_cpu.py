@@ -5,11 +5,12 @@ small maps (8x8 and 4x4, 32 to 128 channels) XLA's own (Eigen) convolutions are 
 train step takes about 70 ms instead of 93 ms at batch 64 on two cores (BENCHMARKS.md, "Why the
 CPU train step was slow"), with the same HLO program and results equal within float32
 rounding; YNNPACK's dots are as fast as the alternative and are kept. So, unless the user's
-XLA_FLAGS already say which YNNPACK fusions to use, `apply_defaults` (run when `diffusion_jax` is
-imported) keeps only YNNPACK's dots. The flag concerns the CPU backend only: GPU and TPU
-programs are compiled as before. It acts only if it is set before JAX first starts a backend, so a
-program that has already run JAX computations when it imports `diffusion_jax` keeps its flags;
-to choose yourself, put `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS.
+XLA_FLAGS already say which YNNPACK fusions to use, `apply_defaults` keeps only YNNPACK's dots.
+The command line (`diffusion_jax.main`, on import) and the benchmarks call it; a Python program
+that wants the same calls it before its first JAX computation, since XLA reads XLA_FLAGS once,
+when JAX starts a backend (afterwards it changes nothing). The library itself leaves XLA_FLAGS
+alone, so the tests run jaxlib's defaults. The flag concerns the CPU backend only: GPU and TPU
+programs are compiled as before.
 """
 
 import importlib.metadata

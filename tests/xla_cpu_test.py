@@ -1,4 +1,4 @@
-"""The XLA:CPU defaults set on import (diffusion_jax.xla_cpu), in fresh processes.
+"""The XLA:CPU default the command line sets (diffusion_jax.xla_cpu), in fresh processes.
 
 Each test starts Python anew: XLA reads XLA_FLAGS once, when JAX starts its first backend.
 """
@@ -18,11 +18,11 @@ from tests import fast_compile
 
 # What jaxlib 0.10.2 does without the flag (its compiled HLO is the same with this value).
 _JAXLIB_DEFAULT = f'{xla_cpu.YNN_FLAG}=individual_dot,individual_convolution'
-_PRINT_FLAGS = 'import os, diffusion_jax; print(os.environ.get("XLA_FLAGS", ""))'
+_PRINT_FLAGS = 'import os, diffusion_jax.main; print(os.environ.get("XLA_FLAGS", ""))'
 # The train step's kind of work: a conv's forward pass and both gradients, compiled.
 _CONV_HLO = """
 import jax, jax.numpy as jnp
-import diffusion_jax
+import diffusion_jax.main
 def f(x, w):
     numbers = ('NHWC', 'HWIO', 'NHWC')
     y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=numbers)
@@ -44,7 +44,11 @@ def _run(code: str, xla_flags: str | None) -> str:
 
 
 class ApplyDefaultsTest(absltest.TestCase):
-    def test_importing_the_package_adds_the_flag(self):
+    def test_the_package_alone_leaves_the_flags_alone(self):
+        code = _PRINT_FLAGS.replace('diffusion_jax.main', 'diffusion_jax.models')
+        self.assertEqual(_run(code, None).strip(), '')
+
+    def test_the_command_line_adds_the_flag(self):
         self.assertEqual(_run(_PRINT_FLAGS, None).split(), list(xla_cpu.DEFAULT_FLAGS))
 
     def test_other_flags_are_kept(self):
@@ -86,7 +90,7 @@ class ApplyDefaultsTest(absltest.TestCase):
 _GRADS = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-import diffusion_jax
+import diffusion_jax.main
 from diffusion_jax import experiment
 from diffusion_jax.configs import digits
 exp = experiment.build(digits.get_config())
