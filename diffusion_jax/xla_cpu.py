@@ -20,11 +20,15 @@ import sys
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 # YNNPACK for single dots only (jaxlib 0.10's default also sends it single convolutions).
 DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot',)
+# YNNPACK for dots and convolutions: what jaxlib 0.10.2 does without the flag for a program of
+# convolutions and dots (the same compiled HLO); other programs may differ in other fusions.
+JAXLIB_DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot,individual_convolution',)
 # The jaxlib versions whose XLA knows the flag (XLA aborts on an unknown one): [0.10, 0.13).
 JAXLIB_VERSIONS = ((0, 10), (0, 13))
 
 
-def _jaxlib_knows_the_flag() -> bool:
+def jaxlib_knows_the_flag() -> bool:
+    """Whether the installed jaxlib is one of `JAXLIB_VERSIONS`."""
     try:
         version = importlib.metadata.version('jaxlib')
         major_minor = tuple(int(part) for part in version.split('.')[:2])
@@ -51,8 +55,12 @@ def apply_defaults() -> bool:
     Returns:
         Whether XLA_FLAGS was changed.
     """
+    return _apply_defaults()
+
+
+def _apply_defaults() -> bool:
     current = os.environ.get('XLA_FLAGS', '')
-    if YNN_FLAG in current or not _jaxlib_knows_the_flag() or _backends_started():
+    if YNN_FLAG in current or not jaxlib_knows_the_flag() or _backends_started():
         return False
     os.environ['XLA_FLAGS'] = ' '.join([*current.split(), *DEFAULT_FLAGS])
     return True

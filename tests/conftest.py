@@ -29,6 +29,14 @@ import os
 import shutil
 import tempfile
 
+from diffusion_jax import xla_cpu  # imports no JAX
+
+# The test processes run jaxlib's own XLA:CPU defaults, even where a test imports the command
+# line (whose import would set `xla_cpu.DEFAULT_FLAGS` before JAX starts): the tests'
+# tolerances were measured with them. Subprocesses start afresh; `tests/xla_cpu_test.py` checks
+# the command line's default in processes of its own.
+xla_cpu.apply_defaults = lambda: False
+
 _OWNED_CACHE_DIR = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     _OWNED_CACHE_DIR = tempfile.mkdtemp(prefix='diffusion_jax_tests_xla_cache_')
