@@ -6,7 +6,8 @@ Finds the convolutions of the `cpu` suite's forward pass (their input shape, ker
 from its jaxpr, and for each distinct shape times one jitted call that computes the forward
 convolution and both backward ones (the input and the kernel gradient), as a train step does,
 in each implementation of `models.layers.conv3x3` (`conv_impl`: XLA's convolution, one im2col
-matmul, nine shifted matmuls) and as XLA's convolution on NCHW data (the other layout).
+matmul, nine shifted matmuls, Winograd's F(2x2, 3x3); the last is XLA's convolution for the
+stride-2 conv) and as XLA's convolution on NCHW data (the other layout).
 Reports the median of `--repeats` calls and GFLOP/s, counting
 2 B Ho Wo 9 Cin Cout per convolution, three per call.
 """
@@ -29,7 +30,7 @@ from diffusion_jax.models import layers
 _BATCH = flags.DEFINE_integer('batch', 64, 'Images per call (the cpu suite trains at 64).')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per shape and implementation.')
 _OUT = flags.DEFINE_string('out', None, 'Write the table as JSON here.')
-IMPLS = ('xla', 'xla_nchw', 'im2col', 'shifted')
+IMPLS = ('xla', 'xla_nchw', 'im2col', 'shifted', 'winograd')
 
 
 def network_convs(batch: int) -> collections.Counter:

@@ -13,10 +13,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # (whose frequencies also differ slightly); see models.layers.get_timestep_embedding.
 TIME_EMBEDDINGS = ('ddpm', 'iddpm')
 # How the 3x3 convolutions are computed (models.layers.conv3x3): XLA's convolution, one im2col
-# matmul or nine shifted matmuls; 'auto' takes AUTO_CONV_IMPL of the backend: XLA's everywhere,
-# the fastest measured on a CPU too (BENCHMARKS.md). The same parameters and function whichever
-# is used.
-CONV_IMPLS = ('auto', 'im2col', 'shifted', 'xla')
+# matmul, nine shifted matmuls or Winograd's F(2x2, 3x3) (stride-1 convs; models.winograd);
+# 'auto' takes AUTO_CONV_IMPL of the backend: XLA's everywhere, the fastest measured for the
+# digits network on a CPU too (BENCHMARKS.md). The same parameters and function whichever is used.
+CONV_IMPLS = ('auto', 'im2col', 'shifted', 'winograd', 'xla')
 AUTO_CONV_IMPL = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')

@@ -315,7 +315,7 @@ class ResnetBlockTest(parameterized.TestCase):
 
 class ConvImplTest(parameterized.TestCase):
     @parameterized.product(
-        impl=('im2col', 'shifted'),
+        impl=('im2col', 'shifted', 'winograd'),
         case=(
             (1, 'SAME', 4),  # a 4x4 map
             (1, 'SAME', 8),  # the stride-1 convs

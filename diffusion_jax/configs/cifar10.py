@@ -63,7 +63,8 @@ def _model() -> ml_collections.ConfigDict:
     model.param_dtype = 'float32'  # storage dtype of the parameters
     model.remat = False  # recompute each block in the backward pass: less memory, same results
     # How the 3x3 convs are computed, one of options.CONV_IMPLS: 'auto' (the fastest measured on
-    # the backend: options.AUTO_CONV_IMPL), 'xla', 'im2col' or 'shifted'. Same weights, results.
+    # the backend: options.AUTO_CONV_IMPL), 'xla', 'im2col', 'shifted' or 'winograd' (stride-1
+    # convs). Same weights, results.
     model.conv_impl = 'auto'
     # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
     # embedding spans the same range for any T. Defines the weights' meaning.

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import options
+from diffusion_jax.models import winograd
 
 # The original uses tf.contrib.layers.group_norm, whose epsilon is 1e-6 (PyTorch ports use 1e-5).
 GROUP_NORM_EPSILON = 1e-6
@@ -87,9 +88,13 @@ def conv3x3(
 
     Args:
         impl: 'xla' (XLA's convolution, `nn.Conv`), 'im2col' (one matmul over the 9 shifted
-            copies of the input, concatenated on the channel axis) or 'shifted' (a sum of 9
-            matmuls, one per kernel tap). The same parameters and function whichever it is.
+            copies of the input, concatenated on the channel axis), 'shifted' (a sum of 9
+            matmuls, one per kernel tap) or 'winograd' (`models.winograd`, for a stride-1
+            conv padded by 1 on every side; XLA's for any other). The same parameters and
+            function whichever it is.
     """
+    if impl == 'winograd' and (strides != 1 or padding not in ('SAME', ((1, 1), (1, 1)))):
+        impl = 'xla'
     if impl == 'xla':
         return nn.Conv(
             features,
@@ -131,8 +136,9 @@ class MatmulConv3x3(nn.Module):
         strides: the stride of both spatial axes.
         padding: 'SAME' (TF's) or ((top, bottom), (left, right)).
         init_scale: `default_init`'s scale of the kernel.
-        impl: 'im2col' (one [B Ho Wo, 9 Cin] x [9 Cin, Cout] matmul) or 'shifted' (nine
-            [B Ho Wo, Cin] x [Cin, Cout] matmuls, summed).
+        impl: 'im2col' (one [B Ho Wo, 9 Cin] x [9 Cin, Cout] matmul), 'shifted' (nine
+            [B Ho Wo, Cin] x [Cin, Cout] matmuls, summed) or 'winograd' (16 [B Ho Wo / 4,
+            Cin] x [Cin, Cout] matmuls; stride 1 and padding 1 per side only).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -148,12 +154,16 @@ class MatmulConv3x3(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, Cin] -> [B, Ho, Wo, Cout]."""
-        options.check_choice('conv impl', self.impl, ('im2col', 'shifted'))
+        options.check_choice('conv impl', self.impl, ('im2col', 'shifted', 'winograd'))
         _, h, w, cin = x.shape
         kernel_init = default_init(self.init_scale)
         kernel = self.param('kernel', kernel_init, (3, 3, cin, self.features), self.param_dtype)
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == 'winograd':
+            if self.strides != 1 or self.padding not in ('SAME', ((1, 1), (1, 1))):
+                raise ValueError('Winograd convs take stride 1 and padding 1 per side only')
+            return winograd.conv3x3(x, kernel) + bias
         s = self.strides
         (top, bottom), (left, right) = (_pads(n, s, self.padding, i) for i, n in enumerate((h, w)))
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
