@@ -1,10 +1,11 @@
 """models.winograd against a direct convolution computed tap by tap in float64 numpy."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax.models import winograd
+from diffusion_jax.models import layers, winograd
 
 
 def _np_conv(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -77,6 +78,15 @@ class WinogradTest(parameterized.TestCase):
             jax.grad(penalty, argnums=1)(direct, kernel),
             rtol=1e-4,
         )
+
+    def test_a_strided_winograd_module_is_refused_and_conv3x3_falls_back_to_xla(self):
+        x = np.zeros((1, 4, 4, 2), np.float32)
+        module = layers.MatmulConv3x3(3, strides=2, impl='winograd')
+        with self.assertRaisesRegex(ValueError, 'stride 1 and padding 1'):
+            module.init(jax.random.key(0), x)
+        fallback = layers.conv3x3(3, name='conv', strides=2, impl='winograd', dtype=np.float32,
+                                  param_dtype=np.float32)  # fmt: skip
+        self.assertIsInstance(fallback, nn.Conv)
 
     def test_a_kernel_for_other_channels_is_refused(self):
         with self.assertRaisesRegex(ValueError, 'kernel of shape'):

@@ -93,7 +93,7 @@ def conv3x3(
             conv padded by 1 on every side; XLA's for any other). The same parameters and
             function whichever it is.
     """
-    if impl == 'winograd' and (strides != 1 or padding not in ('SAME', ((1, 1), (1, 1)))):
+    if impl == 'winograd' and not winograd.applies(strides, padding):
         impl = 'xla'
     if impl == 'xla':
         return nn.Conv(
@@ -161,7 +161,7 @@ class MatmulConv3x3(nn.Module):
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.impl == 'winograd':
-            if self.strides != 1 or self.padding not in ('SAME', ((1, 1), (1, 1))):
+            if not winograd.applies(self.strides, self.padding):
                 raise ValueError('Winograd convs take stride 1 and padding 1 per side only')
             return winograd.conv3x3(x, kernel) + bias
         s = self.strides

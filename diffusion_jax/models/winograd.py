@@ -26,6 +26,13 @@ import jax.numpy as jnp
 # The transformed tile has 4 x 4 positions; each output tile is 2 x 2.
 TILE = 4
 OUT_TILE = 2
+# The paddings of a 3x3 conv that pad by 1 on every side, as `nn.Conv` spells them.
+_PADDINGS = ('SAME', ((1, 1), (1, 1)))
+
+
+def applies(strides: int, padding: object) -> bool:
+    """Whether `conv3x3` computes a 3x3 conv of this stride and `nn.Conv`-style padding."""
+    return strides == 1 and padding in _PADDINGS
 
 
 def _take(a: jax.Array, axis: int, n: int) -> list[jax.Array]:
