@@ -56,29 +56,6 @@ class WinogradTest(parameterized.TestCase):
         # The kernel gradient sums B H W terms of order 1.
         np.testing.assert_allclose(dkernel, expected_dkernel, rtol=1e-5, atol=1e-4)
 
-    def test_second_derivative_matches_a_direct_convolution(self):
-        # The hand-written VJP calls the Winograd conv again, so it is differentiable too:
-        # the kernel gradient of |dL/dx|^2 needs the input gradient's own gradient.
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal((2, 4, 6, 3)).astype(np.float32)
-        kernel = rng.standard_normal((3, 3, 3, 2)).astype(np.float32)
-
-        def penalty(conv, kernel):
-            dx = jax.grad(lambda x: (conv(x, kernel) ** 2).sum())(x)
-            return (dx**2).sum()
-
-        def direct(x, kernel):
-            numbers = ('NHWC', 'HWIO', 'NHWC')
-            return jax.lax.conv_general_dilated(
-                x, kernel, (1, 1), 'SAME', dimension_numbers=numbers, precision='highest'
-            )
-
-        np.testing.assert_allclose(
-            jax.grad(penalty, argnums=1)(winograd.conv3x3, kernel),
-            jax.grad(penalty, argnums=1)(direct, kernel),
-            rtol=1e-4,
-        )
-
     def test_a_strided_winograd_module_is_refused_and_conv3x3_falls_back_to_xla(self):
         x = np.zeros((1, 4, 4, 2), np.float32)
         module = layers.MatmulConv3x3(3, strides=2, impl='winograd')
