@@ -103,6 +103,8 @@ _SLOW_FIRST = (
     'fault_injection_test.py',
     'test_the_cifar10_recipe_runs_on_mock_data',
     'test_a_short_digits_run_learns',
+    'SameResultsTest',
+    'MicrobatchTest',
     'test_train_sample_eval_on_digits_load_no_tensorflow',
     'test_streamed_fid_and_is_of_a_resumed_run',
     'test_resumed_run_is_bit_identical',

@@ -116,9 +116,11 @@ class SameResultsTest(absltest.TestCase):
         results = {}
         for name, flags in (('ours', None), ('default', _JAXLIB_DEFAULT)):
             path = os.path.join(tmp, f'{name}.npz')
-            env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+            # LLVM -O0 (`fast_compile`): the same convolution routing (YNNPACK's or XLA's own)
+            # and numerics, in about two thirds of the compile time.
+            env = fast_compile.env()
             if flags:
-                env['XLA_FLAGS'] = flags
+                env['XLA_FLAGS'] += ' ' + flags
             subprocess.run([sys.executable, '-c', _GRADS, path], cwd=fast_compile.REPO, env=env,
                            check=True, timeout=300)  # fmt: skip
             with np.load(path) as f:
