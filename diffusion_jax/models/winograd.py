@@ -35,10 +35,6 @@ def applies(strides: int, padding: object) -> bool:
     return strides == 1 and padding in _PADDINGS
 
 
-def _take(a: jax.Array, axis: int, n: int) -> list[jax.Array]:
-    return [jnp.take(a, i, axis=axis) for i in range(n)]
-
-
 def _input_transform_1d(d: jax.Array, axis: int) -> jax.Array:
     """B^T along `axis` over the overlapping 4-wide windows at stride 2.
 
@@ -53,25 +49,25 @@ def _input_transform_1d(d: jax.Array, axis: int) -> jax.Array:
 
 def _kernel_transform_1d(g: jax.Array, axis: int) -> jax.Array:
     """G along `axis` (3 taps) -> a new leading axis of 4, `axis` removed."""
-    g0, g1, g2 = _take(g, axis, 3)
+    g0, g1, g2 = jnp.unstack(g, axis=axis)
     return jnp.stack([g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2])
 
 
 def _kernel_transform_1d_t(u: jax.Array, axis: int) -> jax.Array:
     """G^T along `axis` (4 positions) -> a new leading axis of 3 taps, `axis` removed."""
-    u0, u1, u2, u3 = _take(u, axis, TILE)
+    u0, u1, u2, u3 = jnp.unstack(u, axis=axis)
     return jnp.stack([u0 + 0.5 * (u1 + u2), 0.5 * (u1 - u2), 0.5 * (u1 + u2) + u3])
 
 
 def _output_transform_1d(m: jax.Array, axis: int) -> jax.Array:
     """A^T along `axis` (4 positions) -> a new leading axis of 2 outputs, `axis` removed."""
-    m0, m1, m2, m3 = _take(m, axis, TILE)
+    m0, m1, m2, m3 = jnp.unstack(m, axis=axis)
     return jnp.stack([m0 + m1 + m2, m1 - m2 - m3])
 
 
 def _output_transform_1d_t(y: jax.Array, axis: int) -> jax.Array:
     """A along `axis` (2 outputs) -> a new leading axis of 4 positions, `axis` removed."""
-    y0, y1 = _take(y, axis, OUT_TILE)
+    y0, y1 = jnp.unstack(y, axis=axis)
     return jnp.stack([y0, y0 + y1, y0 - y1, -y1])
 
 
