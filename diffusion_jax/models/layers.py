@@ -180,6 +180,35 @@ class MatmulConv3x3(nn.Module):
         return y + bias
 
 
+def _concatenate(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.concatenate([a, b], axis=-1)
+
+
+def concat_channels(a: jax.Array, b: jax.Array) -> jax.Array:
+    """concat([a, b]) on the channel axis: [B, H, W, Ca], [B, H, W, Cb] -> [B, H, W, Ca + Cb].
+
+    The same values and gradients as `jnp.concatenate`, but the two gradients leave the
+    backward pass as buffers of their own. Otherwise XLA fuses the gradient's slices into their
+    consumers, and the skip's slice is consumed only when the backward pass reaches the down
+    path: the whole [B, H, W, Ca + Cb] gradient (summed from its two paths, each kept) stays
+    alive until then, for every up block. The optimization barrier materialises the slices.
+    """
+    split = a.shape[-1]
+
+    @jax.custom_vjp
+    def concat(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.concatenate([a, b], axis=-1)
+
+    def forward(a: jax.Array, b: jax.Array) -> tuple[jax.Array, None]:
+        return concat(a, b), None
+
+    def backward(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jax.lax.optimization_barrier((g[..., :split], g[..., split:]))
+
+    concat.defvjp(forward, backward)
+    return concat(a, b)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm, swish, conv3x3, + Dense(swish(temb)), GroupNorm, swish, dropout, conv3x3.
 
@@ -194,6 +223,9 @@ class ResnetBlock(nn.Module):
         epsilon: GroupNorm epsilon.
         scale_shift: modulate the second GroupNorm by the timestep embedding (see above).
         conv_impl: how the 3x3 convs are computed (`conv3x3`'s `impl`).
+        separate_skip_gradients: concatenate a skip with `concat_channels`, whose gradients
+            leave the backward pass as buffers of their own (the U-Net sets it with remat, where
+            it keeps the peak memory down); else `jnp.concatenate`. The same numbers either way.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -204,11 +236,14 @@ class ResnetBlock(nn.Module):
     epsilon: float = GROUP_NORM_EPSILON
     scale_shift: bool = False
     conv_impl: str = 'xla'
+    separate_skip_gradients: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, temb: jax.Array, train: bool, skip: jax.Array | None = None
+    ) -> jax.Array:
         """Applies the block.
 
         Args:
@@ -216,10 +251,17 @@ class ResnetBlock(nn.Module):
             temb: [B, E] timestep embedding (after the embedding MLP).
             train: enables dropout (rng collection 'dropout'); positional or keyword
                 (`RematResnetBlock` needs it positional, as a static argument).
+            skip: [B, H, W, C'] skip connection of the U-Net's up path, or None. The block then
+                runs on concat([x, skip]) ([B, H, W, C + C']): concatenated here, inside the
+                block, so that under remat the block keeps x and the skip (which the network
+                keeps anyway) rather than a copy of both.
 
         Returns:
             [B, H, W, out_ch] feature map.
         """
+        if skip is not None:
+            concat = concat_channels if self.separate_skip_gradients else _concatenate
+            x = concat(x, skip)
         in_ch = x.shape[-1]
         out_ch = in_ch if self.out_ch is None else self.out_ch
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
@@ -417,3 +459,5 @@ class Upsample(nn.Module):
 # `train` (argument 3, counting self) is static: it decides whether dropout runs.
 RematResnetBlock = nn.remat(ResnetBlock, static_argnums=(3,))
 RematAttnBlock = nn.remat(AttnBlock)
+RematDownsample = nn.remat(Downsample)
+RematUpsample = nn.remat(Upsample)

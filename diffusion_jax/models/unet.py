@@ -44,8 +44,10 @@ class UNet(nn.Module):
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
             decides once; None (the default) makes every attention block use XLA's attention.
-        remat: recompute each residual and attention block in the backward pass instead of
-            storing its activations (`nn.remat`): less memory, the same parameters and outputs.
+        remat: recompute each residual and attention block, Downsample, Upsample and the
+            output head in the backward pass instead of storing their activations (`nn.remat`):
+            less memory, the same parameters and outputs. The up path's [h, skip]
+            concatenation then happens inside each block (`layers.concat_channels`).
         timestep_scale: the network embeds t * timestep_scale (1000 / T for Improved DDPM's
             `rescale_timesteps`); 1.0 embeds t itself.
         num_classes: K > 0 makes the network class-conditional: a learned embedding of the label
@@ -85,6 +87,7 @@ class UNet(nn.Module):
             epsilon=self.norm_epsilon,
             scale_shift=self.scale_shift_norm,
             conv_impl=self.conv_impl,
+            separate_skip_gradients=self.remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -114,6 +117,11 @@ class UNet(nn.Module):
         )
 
     def _resample(self, cls: type[nn.Module], name: str, **kwargs: Any) -> nn.Module:
+        if self.remat:
+            cls = {
+                layers.Downsample: layers.RematDownsample,
+                layers.Upsample: layers.RematUpsample,
+            }[cls]
         return cls(
             with_conv=self.resamp_with_conv,
             conv_impl=self.conv_impl,
@@ -168,13 +176,24 @@ class UNet(nn.Module):
                 block = self._resnet_block(
                     self.ch * self.ch_mult[i_level], f'up_{i_level}_block_{i_block}'
                 )
-                h = block(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+                h = block(h, temb, train, hs.pop())  # on concat([h, skip])
                 if h.shape[1] in self.attn_resolutions:
                     h = self._attn_block(h.shape[-1], f'up_{i_level}_attn_{i_block}')(h)
             if i_level != 0:
                 h = self._resample(layers.Upsample, f'up_{i_level}_upsample')(h)
         assert not hs, 'every skip connection must be consumed'
         return h
+
+    def _output_head(self, h: jax.Array) -> jax.Array:
+        """GroupNorm, swish, conv3x3 to out_ch: [B, H, W, ch] -> [B, H, W, out_ch]."""
+        h = nn.GroupNorm(
+            num_groups=self.num_groups,
+            epsilon=self.norm_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name='norm_out',
+        )(h)
+        return self._conv3x3(self.out_ch, 0.0, 'conv_out')(nn.swish(h))
 
     def _label_embedding(self, y: jax.Array | None, batch: int) -> jax.Array | None:
         """[B] labels -> [B, 4 ch] (None for an unconditional network); checks y is given."""
@@ -232,13 +251,7 @@ class UNet(nn.Module):
         h = self._resnet_block(None, 'mid_block_2')(h, temb, train)
 
         h = self._up_path(h, hs, temb, train)
-        h = nn.GroupNorm(
-            num_groups=self.num_groups,
-            epsilon=self.norm_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name='norm_out',
-        )(h)
-        h = self._conv3x3(self.out_ch, 0.0, 'conv_out')(nn.swish(h))
+        head = nn.remat(UNet._output_head) if self.remat else UNet._output_head
+        h = head(self, h)
         chex.assert_shape(h, (batch, height, width, self.out_ch))
         return h.astype(jnp.float32)
