@@ -1,4 +1,4 @@
-"""XLA:CPU options that make this project's programs faster, set before JAX starts its CPU backend.
+"""XLA:CPU options for this project's programs (speed; remat's memory), set before JAX starts.
 
 jaxlib 0.10's XLA:CPU hands convolutions and dots to YNNPACK by default. On the digits network's
 small maps (8x8 and 4x4, 32 to 128 channels) XLA's own (Eigen) convolutions are faster: the
@@ -11,9 +11,20 @@ that wants the same calls it before its first JAX computation, since XLA reads X
 when JAX starts a backend (afterwards it changes nothing). The library itself leaves XLA_FLAGS
 alone, so the tests run jaxlib's defaults. The flag concerns the CPU backend only: GPU and TPU
 programs are compiled as before.
+
+The second default makes `config.model.remat` save memory on a CPU. `jax.checkpoint` keeps its
+recomputation apart from the forward pass with optimization barriers; XLA:CPU removes them early
+(its `cse_barrier_expander` pass, before scheduling) and its common-subexpression elimination
+then merges the recomputation back into the forward pass, so the compiled program keeps every
+activation as if remat were off (BENCHMARKS.md, "Memory of the 256x256 train step"). XLA:GPU and
+TPU remove the barriers only after scheduling. Disabling that pass keeps them; a program without
+barriers (any without remat) compiles to the same executable. `xla_disable_hlo_passes` is read
+by every backend's compiler, so it is added only where no accelerator plugin for JAX (CUDA,
+ROCm, TPU) is installed.
 """
 
 import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -23,8 +34,23 @@ DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot',)
 # YNNPACK for dots and convolutions: what jaxlib 0.10.2 does without the flag for a program of
 # convolutions and dots (the same compiled HLO); other programs may differ in other fusions.
 JAXLIB_DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot,individual_convolution',)
+# Keeps jax.checkpoint's optimization barriers through XLA:CPU's CSE (CPU-only hosts).
+KEEP_BARRIERS_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 # The jaxlib versions whose XLA knows the flag (XLA aborts on an unknown one): [0.10, 0.13).
 JAXLIB_VERSIONS = ((0, 10), (0, 13))
+
+
+def accelerator_plugin_installed() -> bool:
+    """Whether JAX may find a GPU or TPU backend here: a `jax_plugins` package or entry point
+    (jaxlib's CUDA and ROCm plugins) or libtpu."""
+    if importlib.metadata.entry_points(group='jax_plugins'):
+        return True
+    return any(importlib.util.find_spec(name) for name in ('jax_plugins', 'libtpu'))
+
+
+def default_flags() -> tuple[str, ...]:
+    """`DEFAULT_FLAGS`, and `KEEP_BARRIERS_FLAG` unless an accelerator plugin is installed."""
+    return DEFAULT_FLAGS + (() if accelerator_plugin_installed() else (KEEP_BARRIERS_FLAG,))
 
 
 def jaxlib_knows_the_flag() -> bool:
@@ -49,8 +75,9 @@ def _backends_started() -> bool:
 
 
 def apply_defaults() -> bool:
-    """Appends `DEFAULT_FLAGS` to XLA_FLAGS unless they are set, JAX's backends run already or
-    the installed jaxlib is not one of `JAXLIB_VERSIONS`.
+    """Appends each of `default_flags()` to XLA_FLAGS unless XLA_FLAGS name that flag already;
+    nothing if JAX's backends run already or the installed jaxlib is not one of
+    `JAXLIB_VERSIONS`.
 
     Returns:
         Whether XLA_FLAGS was changed.
@@ -59,8 +86,10 @@ def apply_defaults() -> bool:
 
 
 def _apply_defaults() -> bool:
-    current = os.environ.get('XLA_FLAGS', '')
-    if YNN_FLAG in current or not jaxlib_knows_the_flag() or _backends_started():
+    if not jaxlib_knows_the_flag() or _backends_started():
         return False
-    os.environ['XLA_FLAGS'] = ' '.join([*current.split(), *DEFAULT_FLAGS])
-    return True
+    current = os.environ.get('XLA_FLAGS', '')
+    added = [flag for flag in default_flags() if flag.split('=')[0] not in current]
+    if added:
+        os.environ['XLA_FLAGS'] = ' '.join([*current.split(), *added])
+    return bool(added)
