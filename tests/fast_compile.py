@@ -44,3 +44,19 @@ def run_on_devices(code: str, device_count: int) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def run_python(code: str, extra_flags: str = '') -> str:
+    """Runs Python `code` in a fresh process from the repository root with `xla_flags()` and
+    `extra_flags`; returns its stdout (raises CalledProcessError if it fails)."""
+    environ = env()
+    environ['XLA_FLAGS'] += extra_flags
+    return subprocess.run(
+        [sys.executable, '-c', code],
+        env=environ,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout

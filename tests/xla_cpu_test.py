@@ -131,18 +131,8 @@ for remat in (False, True):
 @pytest.mark.slow  # compiles a U-Net's gradient twice in each of two processes
 class RematMemoryTest(absltest.TestCase):
     def _temporaries(self, extra_flags: str) -> tuple[int, int]:
-        env = fast_compile.env()  # LLVM -O0: the same HLO and buffer assignment
-        env['XLA_FLAGS'] += extra_flags
-        proc = subprocess.run(
-            [sys.executable, '-c', _REMAT_MEMORY],
-            cwd=fast_compile.REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        )
-        plain, remat = (int(line) for line in proc.stdout.split())
+        # LLVM -O0 (`fast_compile`): the same HLO and buffer assignment.
+        plain, remat = (int(n) for n in fast_compile.run_python(_REMAT_MEMORY, extra_flags).split())
         return plain, remat
 
     def test_the_command_lines_flags_make_remat_save_memory_on_a_cpu(self):
