@@ -121,9 +121,12 @@ def _loss_history(config: ml_collections.ConfigDict) -> Any:
     return timestep_sampling.init_history(config.diffusion.num_timesteps)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Builds the experiment `config` describes (a validated config; see `config_lib`)."""
-    model = models.get_model(config)
+def build(config: ml_collections.ConfigDict, device: Any = None) -> Experiment:
+    """Builds the experiment `config` describes (a validated config; see `config_lib`).
+
+    `device` decides the attention blocks' cuDNN use (`models.get_model`); None: this machine's.
+    """
+    model = models.get_model(config, device)
     tx, learning_rate_fn = train_state_lib.create_optimizer(config.optim)
     shape = image_shape(config)
     abstract_state = jax.eval_shape(

@@ -601,6 +601,22 @@ class DtypeTest(parameterized.TestCase):
         # The per-call choice is pure: it needs no device once the machine's limit is known.
         self.assertEqual(layers.attention_implementation(dtype, head_dim, max_head_dim), expected)
 
+    def test_the_answer_for_a_given_device_asks_no_other(self):
+        # E.g. a compile-only GPU on a machine without one (`benchmarks.gpu_compile`).
+        def no_device_query(*args, **kwargs):
+            raise AssertionError("queried this machine's devices")
+
+        cases = (('gpu', '9.0', 256), ('gpu', '8.6', 128), ('gpu', '7.5', None), ('cpu', '', None))
+        for platform, capability, expected in cases:
+            device = mock.Mock(platform=platform, compute_capability=capability)
+            with (
+                mock.patch.object(jax, 'default_backend', side_effect=no_device_query),
+                mock.patch.object(jax, 'devices', side_effect=no_device_query),
+            ):
+                self.assertEqual(layers.cudnn_max_head_dim(device), expected, platform + capability)
+                config = digits.get_config()
+                self.assertEqual(models.get_model(config, device).cudnn_max_head_dim, expected)
+
     def test_get_model_asks_the_devices_once_and_tracing_never_does(self):
         config = digits.get_config()
         config.model.dtype = 'bfloat16'

@@ -21,26 +21,29 @@ def _get_dtype(name: str, key: str) -> Any:
     return jnp.dtype(name)
 
 
-def conv_impl(name: str) -> str:
-    """`config.model.conv_impl` with 'auto' resolved for this machine's default backend."""
+def conv_impl(name: str, platform: str | None = None) -> str:
+    """`config.model.conv_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu'; None:
+    this machine's default backend)."""
     options.check_choice('config.model.conv_impl', name, options.CONV_IMPLS)
     if name != 'auto':
         return name
-    return options.AUTO_CONV_IMPL.get(jax.default_backend(), 'xla')
+    return options.AUTO_CONV_IMPL.get(platform or jax.default_backend(), 'xla')
 
 
-def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
+def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
     """Builds the denoising network that `config.model` describes.
 
     Args:
         config: the experiment config; reads `model.*`, `data.num_channels`,
             `diffusion.model_var_type` and, for `model.rescale_timesteps`,
             `diffusion.num_timesteps`.
+        device: the device whose cuDNN support and platform decide the attention and
+            `conv_impl='auto'`; None (the default): this machine's first device.
 
     Returns:
         An unbound UNet whose output has `num_channels` channels, or twice that when the
-        variance is learned. Its attention blocks use cuDNN's fused attention where this
-        machine's first device supports it (`layers.cudnn_max_head_dim`, asked here once).
+        variance is learned. Its attention blocks use cuDNN's fused attention where the device
+        supports it (`layers.cudnn_max_head_dim`, asked here once).
     """
     m = config.model
     options.check_choice('model', m.name, options.MODELS)
@@ -62,10 +65,10 @@ def get_model(config: ml_collections.ConfigDict) -> unet.UNet:
         scale_shift_norm=m.use_scale_shift_norm,
         time_embedding=m.time_embedding,
         downsample_padding=m.downsample_padding,
-        conv_impl=conv_impl(m.conv_impl),
+        conv_impl=conv_impl(m.conv_impl, None if device is None else device.platform),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
-        cudnn_max_head_dim=layers.cudnn_max_head_dim(),
+        cudnn_max_head_dim=layers.cudnn_max_head_dim(device),
         remat=m.remat,
         timestep_scale=1000.0 / config.diffusion.num_timesteps if m.rescale_timesteps else 1.0,
         num_classes=m.num_classes,

@@ -288,21 +288,27 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-def cudnn_max_head_dim() -> int | None:
+def cudnn_max_head_dim(device: Any = None) -> int | None:
     """The widest head cuDNN's fused flash attention takes on this machine, or None if it has none.
 
     cuDNN's fused attention needs a CUDA GPU of compute capability 8.0 or later and takes heads
     of at most 256 channels on Hopper and later (128 before). The model builder (`get_model`)
     asks once and hands the answer to the attention blocks, which never query the devices.
 
+    Args:
+        device: the device to answer for, e.g. a compile-only GPU of a machine without one
+            (`benchmarks.gpu_compile`); None: this machine's default backend's first device.
+
     Returns:
-        256 or 128 on a CUDA GPU of compute capability >= 9.0 or 8.x (the first device's);
+        256 or 128 on a CUDA GPU of compute capability >= 9.0 or 8.x;
         None on other backends, older GPUs and GPUs without a CUDA capability (e.g. ROCm).
     """
-    if jax.default_backend() != 'gpu':
+    platform = jax.default_backend() if device is None else device.platform
+    if platform != 'gpu':
         return None
+    device = jax.devices()[0] if device is None else device
     try:
-        major = int(jax.devices()[0].compute_capability.split('.')[0])
+        major = int(device.compute_capability.split('.')[0])
     except (AttributeError, ValueError):  # not a CUDA device (e.g. ROCm): no cuDNN
         return None
     if major < 8:
