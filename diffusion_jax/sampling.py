@@ -326,12 +326,18 @@ class Sampler:
         return self._padded(params, rng, index, *self._labels(labels)), self.batch_size
 
     def lower(
-        self, params: Any, rng: jax.Array, first_index: int | jax.Array = 0, labels: Any = None
+        self,
+        params: Any,
+        rng: jax.Array,
+        first_index: int | jax.Array | jax.ShapeDtypeStruct = 0,
+        labels: Any = None,
     ) -> Any:
         """Ahead-of-time lowering of `__call__`: `.compile()(params, rng, np.int32(i))` (plus the
-        labels when lowered with labels)."""
-        index = jnp.asarray(first_index, jnp.int32)
-        return self._exact.lower(params, rng, index, *self._labels(labels))
+        labels when lowered with labels). Abstract arguments (`jax.ShapeDtypeStruct`, e.g. for
+        devices this host compiles for but lacks) are passed through as they are."""
+        if not isinstance(first_index, jax.ShapeDtypeStruct):
+            first_index = jnp.asarray(first_index, jnp.int32)
+        return self._exact.lower(params, rng, first_index, *self._labels(labels))
 
 
 def make_sample_fn(

@@ -236,6 +236,11 @@ class SamplerTest(parameterized.TestCase):
         self.assertEqual(images.shape, (3, *SHAPE))
         compiled = sampler.lower(params, rng, 2).compile()
         np.testing.assert_array_equal(compiled(params, rng, np.int32(2)), images)
+        # Abstract arguments, as for a device this host lacks (benchmarks.gpu_compile).
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, rng))
+        index = jax.ShapeDtypeStruct((), jnp.int32)
+        compiled = sampler.lower(*abstract, index).compile()
+        np.testing.assert_array_equal(compiled(params, rng, np.int32(2)), images)
         padded, real = sampler.sample_padded(params, rng, 2)
         devices = jax.device_count()
         self.assertEqual(real, 3)
