@@ -1,5 +1,7 @@
 """benchmarks/gpu_compile.py's reading of a compiled program's library calls."""
 
+from unittest import mock
+
 from absl.testing import absltest
 
 from benchmarks import gpu_compile
@@ -18,6 +20,21 @@ class LibraryCallsTest(absltest.TestCase):
             {'__cudnn$convForward': 2, '__cudnn$fmhaSoftmax': 1},
         )
         self.assertEqual(gpu_compile.library_calls('%d = f32[2] add(%a, %b)'), {})
+
+
+class CudnnChecksTest(absltest.TestCase):
+    def test_the_checks_answer_for_the_device_then_as_before(self):
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+
+        before = (fused.check_compute_capability, fused.is_cuda_compute_capability_equal)
+        with gpu_compile.cudnn_checks_for(mock.Mock(compute_capability='9.0')):
+            self.assertTrue(fused.check_compute_capability('9.0'))
+            self.assertTrue(fused.check_compute_capability('8.0'))
+            self.assertFalse(fused.check_compute_capability('10.0'))
+            self.assertTrue(fused.is_cuda_compute_capability_equal('9.0'))
+            self.assertFalse(fused.is_cuda_compute_capability_equal('10.3'))
+        after = (fused.check_compute_capability, fused.is_cuda_compute_capability_equal)
+        self.assertEqual(after, before)
 
 
 if __name__ == '__main__':
