@@ -91,7 +91,7 @@ def compiled_memory(
     config.training.num_microbatches = microbatches
     config_lib.validate(config)
     mesh = parallel.create_mesh(devices)
-    exp = experiment.build(config)
+    exp = experiment.build(config, devices[0])
     state = exp.restore_target(mesh)
     images = jax.ShapeDtypeStruct(
         (batch, *exp.image_shape), jax.numpy.float32, sharding=parallel.batch_sharding(mesh)
