@@ -11,6 +11,7 @@ Every module takes `dtype` (the compute dtype) and `param_dtype` (the storage dt
 parameters) and passes both to its Conv, Dense and GroupNorm layers.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -184,6 +185,22 @@ def _concatenate(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.concatenate([a, b], axis=-1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _concat_split_gradients(a: jax.Array, b: jax.Array, split: int) -> jax.Array:
+    return jnp.concatenate([a, b], axis=-1)
+
+
+def _concat_forward(a: jax.Array, b: jax.Array, split: int) -> tuple[jax.Array, None]:
+    return _concat_split_gradients(a, b, split), None
+
+
+def _concat_backward(split: int, _: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.optimization_barrier((g[..., :split], g[..., split:]))
+
+
+_concat_split_gradients.defvjp(_concat_forward, _concat_backward)
+
+
 def concat_channels(a: jax.Array, b: jax.Array) -> jax.Array:
     """concat([a, b]) on the channel axis: [B, H, W, Ca], [B, H, W, Cb] -> [B, H, W, Ca + Cb].
 
@@ -193,20 +210,7 @@ def concat_channels(a: jax.Array, b: jax.Array) -> jax.Array:
     path: the whole [B, H, W, Ca + Cb] gradient (summed from its two paths, each kept) stays
     alive until then, for every up block. The optimization barrier materialises the slices.
     """
-    split = a.shape[-1]
-
-    @jax.custom_vjp
-    def concat(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.concatenate([a, b], axis=-1)
-
-    def forward(a: jax.Array, b: jax.Array) -> tuple[jax.Array, None]:
-        return concat(a, b), None
-
-    def backward(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jax.lax.optimization_barrier((g[..., :split], g[..., split:]))
-
-    concat.defvjp(forward, backward)
-    return concat(a, b)
+    return _concat_split_gradients(a, b, a.shape[-1])
 
 
 class ResnetBlock(nn.Module):
@@ -465,5 +469,3 @@ class Upsample(nn.Module):
 # `train` (argument 3, counting self) is static: it decides whether dropout runs.
 RematResnetBlock = nn.remat(ResnetBlock, static_argnums=(3,))
 RematAttnBlock = nn.remat(AttnBlock)
-RematDownsample = nn.remat(Downsample)
-RematUpsample = nn.remat(Upsample)

@@ -117,11 +117,7 @@ class UNet(nn.Module):
         )
 
     def _resample(self, cls: type[nn.Module], name: str, **kwargs: Any) -> nn.Module:
-        if self.remat:
-            cls = {
-                layers.Downsample: layers.RematDownsample,
-                layers.Upsample: layers.RematUpsample,
-            }[cls]
+        cls = nn.remat(cls) if self.remat else cls
         return cls(
             with_conv=self.resamp_with_conv,
             conv_impl=self.conv_impl,
