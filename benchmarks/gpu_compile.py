@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from benchmarks import suites, train_memory
 from benchmarks.run import _flops, _program_bytes
-from diffusion_jax import experiment, parallel, sampling, train
+from diffusion_jax import experiment, parallel, sampling
 
 TRAIN_BATCHES = (128, 256)
 SAMPLE_BATCH = 256
@@ -89,16 +89,8 @@ def compile_train(devices: list, dtype: str, batch: int) -> dict:
     """Compiles the `gpu` suite's train step for `devices` at a global batch."""
     config = suites.get_config('gpu', dtype=dtype)
     config.training.batch_size = batch
-    mesh = parallel.create_mesh(devices)
-    exp = experiment.build(config, devices[0])
-    images = jax.ShapeDtypeStruct(
-        (batch, *exp.image_shape), jnp.float32, sharding=parallel.batch_sharding(mesh)
-    )
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parallel.replicated(mesh))
-    step = train.make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(exp.restore_target(mesh), {'image': images}, rng).compile()
-    return _record(compiled, time.perf_counter() - start, program='train', dtype=dtype, batch=batch)
+    compiled, _, compile_s = train_memory.compile_train_step(config, devices)
+    return _record(compiled, compile_s, program='train', dtype=dtype, batch=batch)
 
 
 def compile_sampler(devices: list, sampler: str, num_steps: int | None, num_timesteps: int) -> dict:
