@@ -1,5 +1,6 @@
-"""Benchmarks of diffusion_jax: they measure what the command line runs, its XLA:CPU default too."""
+"""Benchmarks of diffusion_jax: they measure what the command line runs, with its CPU defaults."""
 
-from diffusion_jax import xla_cpu
+from diffusion_jax import host_malloc, xla_cpu
 
 xla_cpu.apply_defaults()
+host_malloc.apply_default()

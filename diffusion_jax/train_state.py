@@ -14,6 +14,9 @@ from flax.training import train_state
 
 from diffusion_jax import options
 
+# XLA options of the CPU program that initialises the train state (`create_train_state`).
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+
 
 class TrainState(train_state.TrainState):
     """flax's TrainState (step, params, opt_state, apply_fn, tx) plus `ema_params`.
@@ -81,15 +84,23 @@ def create_train_state(
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if getattr(model, 'num_classes', 0) else None
-    params = jax.jit(lambda r: model.init({'params': r}, x, t, y, train=False)['params'])(rng)
-    # A real copy: the EMA must not share buffers with params, which the train step donates.
-    ema_params = jax.tree.map(jnp.copy, params)
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=params,
-        tx=tx,
-        ema_params=ema_params,
-        loss_history=loss_history,
-        extra_ema={f'ema_{i + 1}': jax.tree.map(jnp.copy, params) for i in range(num_extra_ema)}
-        or None,
-    )
+
+    def init(rng, loss_history):
+        params = model.init({'params': rng}, x, t, y, train=False)['params']
+        # Real copies: the EMAs must not share buffers with params, which the train step donates.
+        copies = [jax.tree.map(jnp.copy, params) for _ in range(1 + num_extra_ema)]
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=params,
+            tx=tx,
+            ema_params=copies[0],
+            loss_history=loss_history,
+            extra_ema={f'ema_{i}': copies[i] for i in range(1, len(copies))} or None,
+        )
+
+    init_fn = jax.jit(init)
+    if isinstance(rng, jax.core.Tracer) or jax.default_backend() != 'cpu':
+        return init_fn(rng, loss_history)
+    # One program for the whole state, run once: XLA:CPU compiles it 3x faster without LLVM's
+    # optimisations (1.5 s instead of 5 s for the digits network), with the same numbers.
+    return init_fn.lower(rng, loss_history).compile(INIT_COMPILER_OPTIONS)(rng, loss_history)
