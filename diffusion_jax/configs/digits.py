@@ -5,7 +5,7 @@ sigma^2 = beta) on the 1,797 8x8 grayscale digits that ship inside scikit-learn,
 gets a real run with no download and no accelerator. The images are used at their native 8x8
 size; their 17 grey levels are mapped to [-1, 1] like 8-bit pixels.
 
-Three deliberate departures keep it to about 10 minutes on 2 CPU cores: a small U-Net (651,041
+Three deliberate departures keep it to about 8 minutes on 2 CPU cores: a small U-Net (651,041
 parameters, attention only in the middle block, no dropout); T=250 steps, so a sample costs 250
 network calls, not 1000; and Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17)
 instead of linear betas, which at T=250 leave sqrt(alpha_bar_T) = 0.28 of the image in x_T while
