@@ -87,15 +87,15 @@ def create_train_state(
 
     def init(rng, loss_history):
         params = model.init({'params': rng}, x, t, y, train=False)['params']
-        # Real copies: the EMAs must not share buffers with params, which the train step donates.
-        copies = [jax.tree.map(jnp.copy, params) for _ in range(1 + num_extra_ema)]
+        # The EMAs start as params. Each output of a compiled program gets a buffer of its own,
+        # so they do not share the buffers of params, which the train step donates.
         return TrainState.create(
             apply_fn=model.apply,
             params=params,
             tx=tx,
-            ema_params=copies[0],
+            ema_params=params,
             loss_history=loss_history,
-            extra_ema={f'ema_{i}': copies[i] for i in range(1, len(copies))} or None,
+            extra_ema={f'ema_{i + 1}': params for i in range(num_extra_ema)} or None,
         )
 
     init_fn = jax.jit(init)
