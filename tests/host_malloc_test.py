@@ -2,7 +2,8 @@
 
 The behaviour is checked in fresh processes (malloc's settings belong to a process): freed
 memory is kept for the next allocation instead of being faulted in again, and an XLA:CPU train
-step faults far fewer pages in. The pytest process itself keeps glibc's defaults.
+step faults far fewer pages in. Whatever the pytest process itself has set (a test that imports
+the command line sets the thresholds there too) does not reach those processes.
 """
 
 import json
@@ -19,7 +20,7 @@ from tests import fast_compile
 
 _ON_GLIBC = host_malloc.glibc() is not None
 
-# Minor page faults of touching a freed-then-reallocated 64 MiB block, after `SETUP` runs.
+# Minor page faults of touching a freed-then-reallocated 64 MiB block, after the `setup` code.
 _REUSE = """
 import ctypes, json, resource
 {setup}
