@@ -18,6 +18,12 @@ TIME_EMBEDDINGS = ('ddpm', 'iddpm')
 # digits network on a CPU too (BENCHMARKS.md). The same parameters and function whichever is used.
 CONV_IMPLS = ('auto', 'im2col', 'shifted', 'winograd', 'xla')
 AUTO_CONV_IMPL = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
+# How Upsample's nearest-neighbour x2 and 3x3 conv are computed: 'repeat' (the original's) or
+# 'subpixel' (four 2x2 convs, models.subpixel). 'auto' takes AUTO_UPSAMPLE_IMPL of the backend:
+# 'subpixel' where it was measured faster (the CPU, BENCHMARKS.md), 'repeat' where it was not
+# measured. The same parameters and function whichever is used.
+UPSAMPLE_IMPLS = ('auto', 'repeat', 'subpixel')
+AUTO_UPSAMPLE_IMPL = {'cpu': 'subpixel', 'gpu': 'repeat', 'tpu': 'repeat'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')

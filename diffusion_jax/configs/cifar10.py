@@ -66,6 +66,10 @@ def _model() -> ml_collections.ConfigDict:
     # the backend: options.AUTO_CONV_IMPL), 'xla', 'im2col', 'shifted' or 'winograd' (stride-1
     # convs). Same weights, results.
     model.conv_impl = 'auto'
+    # How each Upsample's nearest-neighbour x2 and 3x3 conv are computed, one of
+    # options.UPSAMPLE_IMPLS: 'auto' (options.AUTO_UPSAMPLE_IMPL of the backend), 'repeat' (the
+    # original's) or 'subpixel' (four 2x2 convs). Same weights, results.
+    model.upsample_impl = 'auto'
     # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
     # embedding spans the same range for any T. Defines the weights' meaning.
     model.rescale_timesteps = False

@@ -30,6 +30,15 @@ def conv_impl(name: str, platform: str | None = None) -> str:
     return options.AUTO_CONV_IMPL.get(platform or jax.default_backend(), 'xla')
 
 
+def upsample_impl(name: str, platform: str | None = None) -> str:
+    """`config.model.upsample_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu';
+    None: this machine's default backend)."""
+    options.check_choice('config.model.upsample_impl', name, options.UPSAMPLE_IMPLS)
+    if name != 'auto':
+        return name
+    return options.AUTO_UPSAMPLE_IMPL.get(platform or jax.default_backend(), 'repeat')
+
+
 def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
     """Builds the denoising network that `config.model` describes.
 
@@ -37,8 +46,9 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
         config: the experiment config; reads `model.*`, `data.num_channels`,
             `diffusion.model_var_type` and, for `model.rescale_timesteps`,
             `diffusion.num_timesteps`.
-        device: the device whose cuDNN support and platform decide the attention and
-            `conv_impl='auto'`; None (the default): this machine's first device.
+        device: the device whose cuDNN support and platform decide the attention,
+            `conv_impl='auto'` and `upsample_impl='auto'`; None (the default): this machine's
+            first device.
 
     Returns:
         An unbound UNet whose output has `num_channels` channels, or twice that when the
@@ -49,6 +59,7 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
     options.check_choice('model', m.name, options.MODELS)
     num_channels = config.data.num_channels
     learned_var = config.diffusion.model_var_type in options.LEARNED_VAR_TYPES
+    platform = None if device is None else device.platform
     return _MODELS[m.name](
         ch=m.ch,
         out_ch=2 * num_channels if learned_var else num_channels,
@@ -65,7 +76,8 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
         scale_shift_norm=m.use_scale_shift_norm,
         time_embedding=m.time_embedding,
         downsample_padding=m.downsample_padding,
-        conv_impl=conv_impl(m.conv_impl, None if device is None else device.platform),
+        conv_impl=conv_impl(m.conv_impl, platform),
+        upsample_impl=upsample_impl(m.upsample_impl, platform),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(device),

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import options
-from diffusion_jax.models import winograd
+from diffusion_jax.models import subpixel, winograd
 
 # The original uses tf.contrib.layers.group_norm, whose epsilon is 1e-6 (PyTorch ports use 1e-5).
 GROUP_NORM_EPSILON = 1e-6
@@ -439,19 +439,29 @@ class Upsample(nn.Module):
 
     Attributes:
         with_conv: apply the 3x3 conv after resizing.
-        conv_impl: how the conv is computed (`conv3x3`'s `impl`).
+        conv_impl: how the conv is computed (`conv3x3`'s `impl`) when `impl` is 'repeat'.
+        impl: 'repeat' (repeat each pixel, then the 3x3 conv: the original's computation) or
+            'subpixel' (`models.subpixel`: four 2x2 convs of the input with XLA's convolution,
+            2.25x fewer multiplies). The same parameters and function.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     with_conv: bool = True
     conv_impl: str = 'xla'
+    impl: str = 'repeat'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
+        options.check_choice('upsample impl', self.impl, ('repeat', 'subpixel'))
+        if self.with_conv and self.impl == 'subpixel':
+            conv = UpsampleConv3x3(
+                x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name='conv'
+            )
+            return conv(x)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
             x = conv3x3(
@@ -462,6 +472,31 @@ class Upsample(nn.Module):
                 param_dtype=self.param_dtype,
             )(x)
         return x
+
+
+class UpsampleConv3x3(nn.Module):
+    """Nearest-neighbour x2 and `nn.Conv`'s 3x3 'SAME' conv in one (`models.subpixel`): the
+    same params ('kernel' [3, 3, Cin, Cout], 'bias' [Cout]), initialisation and function as
+    the repeat followed by `conv3x3`.
+
+    Attributes:
+        features: Cout.
+        dtype: compute dtype.
+        param_dtype: parameter storage dtype.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, Cin] -> [B, 2H, 2W, Cout]."""
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param('kernel', default_init(), shape, self.param_dtype)
+        bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return subpixel.upsample_conv3x3(x, kernel) + bias
 
 
 # The same blocks, recomputed in the backward pass instead of keeping their activations

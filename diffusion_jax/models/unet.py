@@ -38,8 +38,10 @@ class UNet(nn.Module):
             residual block (Improved DDPM's use_scale_shift_norm) instead of being added.
         time_embedding: 'ddpm' or 'iddpm' sinusoidal embedding (`layers.get_timestep_embedding`).
         downsample_padding: 'same' (TF, the original's) or 'symmetric' (PyTorch's) stride-2 conv.
-        conv_impl: how every 3x3 conv is computed: 'xla', 'im2col' or 'shifted'
+        conv_impl: how every 3x3 conv is computed: 'xla', 'im2col', 'shifted' or 'winograd'
             (`layers.conv3x3`); the same parameters and function.
+        upsample_impl: how each Upsample's nearest-neighbour x2 and conv are computed:
+            'repeat' or 'subpixel' (`layers.Upsample`); the same parameters and function.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
@@ -71,6 +73,7 @@ class UNet(nn.Module):
     time_embedding: str = 'ddpm'
     downsample_padding: str = 'same'
     conv_impl: str = 'xla'
+    upsample_impl: str = 'repeat'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
@@ -176,7 +179,10 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = self._attn_block(h.shape[-1], f'up_{i_level}_attn_{i_block}')(h)
             if i_level != 0:
-                h = self._resample(layers.Upsample, f'up_{i_level}_upsample')(h)
+                upsample = self._resample(
+                    layers.Upsample, f'up_{i_level}_upsample', impl=self.upsample_impl
+                )
+                h = upsample(h)
         assert not hs, 'every skip connection must be consumed'
         return h
 
