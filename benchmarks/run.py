@@ -5,8 +5,10 @@ Measures, after a warm-up call and with `block_until_ready`:
   compute dtype and (unless --nobf16_train) also in bfloat16;
 * sampling: images/s of ancestral sampling over all T=1000 steps and of DDIM with 50 steps, the
   sampler's compile time, and compile time against T (one `lax.scan`, so it must stay flat);
-* the model FLOPs of a train step and of one reverse step from XLA's cost analysis, the FLOP/s
-  they imply, and MFU against the device's peak (`peaks`; --peak_tflops overrides it);
+* the FLOPs of a train step and of one reverse step from XLA's cost analysis, both of the
+  compiled program and of the model as the paper writes it (`suites.MODEL_FORM`, lowered only),
+  the FLOP/s they imply, and MFU (model FLOPs) against the device's peak (`peaks`;
+  --peak_tflops overrides it);
 * memory per measurement: the device's `peak_bytes_in_use` where the backend counts it (a
   high-water mark since the process started: measurements run from the smallest to the
   largest), else the process's host RSS sampled during the measurement (`memory`); and XLA's
@@ -90,8 +92,9 @@ def _measure(fn: Callable[[], object], repeats: int) -> tuple[float, dict]:
     return seconds, record
 
 
-def _flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
+def _flops(program) -> float | None:
+    """XLA's FLOP count of a compiled or a lowered (unoptimised) program."""
+    analysis = program.cost_analysis()
     if isinstance(analysis, list):  # older jax returns one dict per device program
         analysis = analysis[0] if analysis else None
     return float(analysis['flops']) if analysis and 'flops' in analysis else None
@@ -132,6 +135,13 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
     seconds, mem = _measure(run, repeats)
     seconds /= s.train_steps
     flops = _flops(compiled)
+    paper = suites.get_config(suite, dtype=dtype, paper_form=True)
+    paper_exp = experiment.build(paper)
+    paper_fn = train.make_jit_train_step(
+        paper, paper_exp.diffusion, paper_exp.learning_rate_fn, mesh
+    )
+    paper_state = state.replace(apply_fn=paper_exp.model.apply)  # the step calls apply_fn
+    model_flops = _flops(paper_fn.lower(paper_state, batch, rng))
     return {
         'batch_size': s.train_batch,
         'dtype': dtype,
@@ -141,14 +151,22 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
         'steps_per_s': 1 / seconds,
         'images_per_s': s.train_batch / seconds,
         'xla_flops_per_step': flops,
-        'achieved_tflops': flops / seconds / 1e12 if flops else None,
+        'model_flops_per_step': model_flops,
+        'achieved_tflops': model_flops / seconds / 1e12 if model_flops else None,
         'memory': mem,
         'xla_program_peak_bytes': _program_bytes(compiled),
     }
 
 
-def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, dtype='float32'):
-    config = suites.get_config(suite, num_timesteps, dtype)
+def _sample_fn(
+    suite: str,
+    sampler: str,
+    num_steps,
+    num_timesteps: int = 1000,
+    dtype='float32',
+    paper_form: bool = False,
+):
+    config = suites.get_config(suite, num_timesteps, dtype, paper_form)
     batch_size = suites.SUITES[suite].sample_batch
     exp = experiment.build(config)
     model = exp.model
@@ -183,6 +201,8 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
         run = functools.partial(compiled, params, rng, np.int32(0))
         seconds, mem = _measure(run, repeats)
         flops = _flops(compiled)
+        paper_fn = _sample_fn(suite, sampler, num_steps, dtype=dtype, paper_form=True)[0]
+        model_flops = _flops(paper_fn.lower(params, rng))
         results[f'{sampler}_{num_steps}'] = {
             'batch_size': batch_size,
             'num_steps': num_steps,
@@ -193,7 +213,8 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
             'hours_for_50k': 50_000 / (batch_size / seconds) / 3600,
             # XLA's cost analysis counts a scan's body once, i.e. one reverse step.
             'xla_flops_per_reverse_step': flops,
-            'achieved_tflops': flops * num_steps / seconds / 1e12 if flops else None,
+            'model_flops_per_reverse_step': model_flops,
+            'achieved_tflops': model_flops * num_steps / seconds / 1e12 if model_flops else None,
             'memory': mem,
             'xla_program_peak_bytes': _program_bytes(compiled),
         }
@@ -261,7 +282,7 @@ def add_mfu_and_ratios(results: dict) -> None:
     results['ratios'] = {}
     for name, row in ours_rows.items():
         is_train = name.startswith('train_')
-        flops = row['xla_flops_per_step'] if is_train else row['xla_flops_per_reverse_step']
+        flops = row['model_flops_per_step'] if is_train else row['model_flops_per_reverse_step']
         seconds = row['step_ms'] / 1e3 if is_train else row['seconds_per_batch']
         flops = flops if is_train or flops is None else flops * row['num_steps']
         row['peak'] = _peak(row, machine['device_kind'], machine['backend'], machine['num_devices'])

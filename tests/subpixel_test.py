@@ -122,9 +122,7 @@ class SubpixelTest(parameterized.TestCase):
         }
         x = jnp.asarray(_rng_arrays(2, (2, 8, 8, 1))[0], jnp.float32)
         t = jnp.array([3, 200], jnp.int32)
-        inits = {
-            impl: net.init(jax.random.key(0), x, t, train=False) for impl, net in nets.items()
-        }
+        inits = {impl: net.init(jax.random.key(0), x, t, train=False) for impl, net in nets.items()}
         jax.tree.map(np.testing.assert_array_equal, inits['subpixel'], inits['repeat'])
         # Random weights everywhere (the fresh output conv is zero), then a train-style gradient.
         params = jax.tree.map(
