@@ -22,7 +22,8 @@ AUTO_CONV_IMPL = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
 # 'subpixel' (four 2x2 convs, models.subpixel). 'auto' takes AUTO_UPSAMPLE_IMPL of the backend:
 # 'subpixel' where it was measured faster (the CPU, BENCHMARKS.md), 'repeat' where it was not
 # measured. The same parameters and function whichever is used.
-UPSAMPLE_IMPLS = ('auto', 'repeat', 'subpixel')
+UPSAMPLE_METHODS = ('repeat', 'subpixel')  # what 'auto' resolves to: layers.Upsample's impl
+UPSAMPLE_IMPLS = ('auto', *UPSAMPLE_METHODS)
 AUTO_UPSAMPLE_IMPL = {'cpu': 'subpixel', 'gpu': 'repeat', 'tpu': 'repeat'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')

@@ -139,6 +139,14 @@ _BAD_CONFIGS = (
         ["config.model.time_embedding: unknown value 'tf'", "['ddpm', 'iddpm']"],
     ),
     (
+        'unknown_upsample_impl_names_the_choices',
+        {'model.upsample_impl': 'bilinear'},
+        [
+            "config.model.upsample_impl: unknown value 'bilinear'",
+            "['auto', 'repeat', 'subpixel']",
+        ],
+    ),
+    (
         'norm_epsilon_must_be_positive',
         {'model.norm_epsilon': 0.0},
         ['config.model.norm_epsilon: must be in (0, 1), got 0.0'],

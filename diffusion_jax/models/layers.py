@@ -456,7 +456,7 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
-        options.check_choice('upsample impl', self.impl, ('repeat', 'subpixel'))
+        options.check_choice('upsample impl', self.impl, options.UPSAMPLE_METHODS)
         if self.with_conv and self.impl == 'subpixel':
             conv = UpsampleConv3x3(
                 x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name='conv'
