@@ -1,5 +1,5 @@
 """models.subpixel and Upsample(impl='subpixel') against nearest-neighbour x2 then a 3x3 conv
-computed tap by tap in float64 numpy."""
+computed tap by tap in float64 numpy (`tests.np_conv`)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,35 +8,21 @@ from absl.testing import absltest, parameterized
 
 from diffusion_jax import models
 from diffusion_jax.models import layers, subpixel, unet
+from tests import np_conv
 
 
 def _np_upsample_conv(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """conv3x3 'SAME' (zero padding 1) of each pixel repeated 2 x 2, in float64."""
-    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
-    _, h, w, _ = up.shape
-    upp = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(
-        np.einsum('bhwc,co->bhwo', upp[:, dy : dy + h, dx : dx + w], kernel[dy, dx])
-        for dy in range(3)
-        for dx in range(3)
-    )
+    return np_conv.conv3x3(np.repeat(np.repeat(x, 2, axis=1), 2, axis=2), kernel)
 
 
 def _np_upsample_conv_grads(x: np.ndarray, kernel: np.ndarray, dy: np.ndarray) -> tuple:
     """The gradients of sum(_np_upsample_conv(x, kernel) * dy): the conv's adjoints, then each
     2 x 2 block of the upsampled gradient summed back onto its source pixel."""
     up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
-    b, h, w, c = up.shape
-    upp = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dupp = np.zeros_like(upp)
-    dkernel = np.zeros_like(kernel)
-    for i in range(3):
-        for j in range(3):
-            dupp[:, i : i + h, j : j + w] += np.einsum('bhwo,co->bhwc', dy, kernel[i, j])
-            dkernel[i, j] = np.einsum('bhwc,bhwo->co', upp[:, i : i + h, j : j + w], dy)
-    dup = dupp[:, 1:-1, 1:-1]
-    dx = dup.reshape(b, h // 2, 2, w // 2, 2, c).sum(axis=(2, 4))
-    return dx, dkernel
+    dup, dkernel = np_conv.conv3x3_grads(up, kernel, dy)
+    b, h, w, c = x.shape
+    return dup.reshape(b, h, 2, w, 2, c).sum(axis=(2, 4)), dkernel
 
 
 def _rng_arrays(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:

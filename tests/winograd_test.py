@@ -1,4 +1,5 @@
-"""models.winograd against a direct convolution computed tap by tap in float64 numpy."""
+"""models.winograd against a direct convolution computed tap by tap in float64 numpy
+(`tests.np_conv`)."""
 
 import flax.linen as nn
 import jax
@@ -6,30 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax.models import layers, winograd
-
-
-def _np_conv(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """y[b, i, j, o] = sum_{dy, dx, c} xpad[b, i + dy, j + dx, c] kernel[dy, dx, c, o]."""
-    _, h, w, _ = x.shape
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return sum(
-        np.einsum('bhwc,co->bhwo', xp[:, dy : dy + h, dx : dx + w], kernel[dy, dx])
-        for dy in range(3)
-        for dx in range(3)
-    )
-
-
-def _np_conv_grads(x: np.ndarray, kernel: np.ndarray, dy: np.ndarray) -> tuple:
-    """The gradients of sum(_np_conv(x, kernel) * dy), as sums over the taps (the adjoints)."""
-    _, h, w, _ = x.shape
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dxp = np.zeros_like(xp)
-    dkernel = np.zeros_like(kernel)
-    for i in range(3):
-        for j in range(3):
-            dxp[:, i : i + h, j : j + w] += np.einsum('bhwo,co->bhwc', dy, kernel[i, j])
-            dkernel[i, j] = np.einsum('bhwc,bhwo->co', xp[:, i : i + h, j : j + w], dy)
-    return dxp[:, 1:-1, 1:-1], dkernel
+from tests import np_conv
 
 
 class WinogradTest(parameterized.TestCase):
@@ -50,8 +28,8 @@ class WinogradTest(parameterized.TestCase):
         dx, dkernel = vjp(f32[2])
         self.assertEqual(y.shape, (b, h, w, cout))
         # Float32 rounding of sums of up to 9 Cin terms of order 1 (measured: 2e-6 at most).
-        np.testing.assert_allclose(y, _np_conv(x, kernel), rtol=1e-5, atol=1e-5)
-        expected_dx, expected_dkernel = _np_conv_grads(x, kernel, dy)
+        np.testing.assert_allclose(y, np_conv.conv3x3(x, kernel), rtol=1e-5, atol=1e-5)
+        expected_dx, expected_dkernel = np_conv.conv3x3_grads(x, kernel, dy)
         np.testing.assert_allclose(dx, expected_dx, rtol=1e-5, atol=1e-5)
         # The kernel gradient sums B H W terms of order 1.
         np.testing.assert_allclose(dkernel, expected_dkernel, rtol=1e-5, atol=1e-4)
