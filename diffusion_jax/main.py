@@ -7,6 +7,7 @@ status 2 instead of a traceback.
 """
 
 import difflib
+import errno
 import inspect
 import logging as std_logging
 import os
@@ -205,15 +206,19 @@ def main(argv: list[str]) -> None:
         errors.fail(message, one_line=True)
 
 
+def _disk_full_message(first: str) -> str:
+    return (
+        f'the disk is full: {first}; free some space and run again (files already there are '
+        'kept; training resumes from its newest complete checkpoint)'
+    )
+
+
 def _resource_message(e: Exception) -> str | None:
     """One line for a full disk or exhausted memory reported by XLA or tensorstore; else None."""
     text = str(e).strip()
     first = text.splitlines()[0][:300] if text else type(e).__name__
     if 'No space left on device' in text:
-        return (
-            f'the disk is full: {first}; free some space and run again (files already there are '
-            'kept; training resumes from its newest complete checkpoint)'
-        )
+        return _disk_full_message(first)
     if 'RESOURCE_EXHAUSTED' in text:
         return (
             f'out of memory: {first}; use a smaller batch (--config.training.batch_size, '
@@ -223,8 +228,12 @@ def _resource_message(e: Exception) -> str | None:
 
 
 def _os_error_message(e: OSError) -> str:
-    """'Permission denied: /w/train.lock (...)' from an OSError, with what to check."""
+    """'Permission denied: /w/train.lock (...)' from an OSError, with what to check; a full
+    disk (or quota) gets `_disk_full_message`, whichever layer raised it (a Python write in
+    one of orbax's threads raises OSError, tensorstore a ValueError)."""
     what = f'{e.strerror}: {e.filename}' if e.strerror and e.filename else str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _disk_full_message(what)
     return f'{what} (check the path, its permissions and the free disk space)'
 
 

@@ -5,6 +5,7 @@ only a fresh process shows the refusal (a device count forced through XLA_FLAGS,
 import), and once to check that the real entry point behaves as the in-process calls do.
 """
 
+import errno
 import os
 import pathlib
 import subprocess
@@ -126,6 +127,31 @@ def _coroutine_defined_in(filename: str):
     namespace = {}
     exec(compile('async def read():\n    pass\n', filename, 'exec'), namespace)
     return namespace['read']()
+
+
+class ErrorMessageTest(absltest.TestCase):
+    """The environment's errors as one line: a full disk reads the same whichever layer saw it."""
+
+    def test_a_full_disk_or_quota_as_an_os_error_says_the_disk_is_full(self):
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            error = OSError(code, os.strerror(code), '/w/checkpoints/6/_METADATA')
+            message = main._os_error_message(error)
+            self.assertTrue(message.startswith('the disk is full: '), message)
+            self.assertIn('/w/checkpoints/6/_METADATA', message)
+            self.assertIn('resumes from its newest complete checkpoint', message)
+
+    def test_tensorstore_s_full_disk_reads_the_same(self):
+        os_error = main._os_error_message(OSError(errno.ENOSPC, 'No space left on device', '/w/x'))
+        value_error = main._resource_message(ValueError('No space left on device: /w/x'))
+        self.assertEqual(os_error, value_error)
+
+    def test_other_os_errors_name_what_to_check(self):
+        error = OSError(errno.EACCES, 'Permission denied', '/w/train.lock')
+        self.assertEqual(
+            main._os_error_message(error),
+            'Permission denied: /w/train.lock (check the path, its permissions and the free disk '
+            'space)',
+        )
 
 
 class UnraisableHookTest(absltest.TestCase):

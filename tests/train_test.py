@@ -113,6 +113,13 @@ def _fresh_state_and_step(config, num_microbatches: int = 1):
     return state, jax.jit(step)
 
 
+def _adam_mu(opt_state):
+    """The first moment of the optax Adam state inside `opt_state` (a chain's tuple)."""
+    states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    (adam,) = [s for s in states if isinstance(s, optax.ScaleByAdamState)]
+    return adam.mu
+
+
 def _leaves_equal(a, b):
     return all(
         np.array_equal(np.asarray(x), np.asarray(y))
@@ -190,13 +197,22 @@ class MicrobatchTest(absltest.TestCase):
         for a, b in zip(m1, m4, strict=True):  # the same examples, t and noise: same losses
             for key in ('loss', 'mse', 'loss_q0', 'loss_q1', 'loss_q2', 'loss_q3', 'grad_norm'):
                 np.testing.assert_allclose(b[key], a[key], rtol=2e-6, err_msg=key)
-        # Adam divides by sqrt(v): a gradient entry near zero, where float32 rounding of the
-        # summation order is a large part of it, can move its update by a fraction of the
-        # learning rate. So parameters agree to 1% of one step's size (lr = 1e-3); the
-        # gradients themselves are compared tightly below.
+        # Adam's first moment (a running mean of the gradients) is linear in them: it agrees
+        # within float32 rounding of the summation order, relative to each entry, with a floor
+        # at 1e-6 of the largest entry for gradients that are zero but for rounding (the biases
+        # just before the output GroupNorm, whose conv_out starts at zero: about 1e-10).
+        mu = [_adam_mu(s.opt_state) for s in (whole, sliced)]
+        floor = 1e-6 * max(float(np.abs(m).max()) for m in jax.tree.leaves(mu[0]))
+        for a, b in zip(jax.tree.leaves(mu[0]), jax.tree.leaves(mu[1]), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=floor)
+        # Adam divides by sqrt(v) + 1e-8: an entry whose gradient is rounding noise moves by
+        # lr times noise / 1e-8, which no tolerance bounds. Every other parameter agrees to 1%
+        # of one step's size (lr = 1e-3).
         lr = config.optim.learning_rate
-        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(sliced.params), strict=True):
-            np.testing.assert_allclose(b, a, rtol=0, atol=0.01 * lr)
+        params = zip(jax.tree.leaves(whole.params), jax.tree.leaves(sliced.params), strict=True)
+        for (a, b), m in zip(params, jax.tree.leaves(mu[0]), strict=True):
+            determined = np.abs(np.asarray(m)) > floor
+            np.testing.assert_allclose(b[determined], a[determined], rtol=0, atol=0.01 * lr)
         self.assertFalse(_leaves_equal(whole.params, state.params))  # the steps did move them
 
     def test_the_mean_gradient_of_four_slices_is_the_whole_batchs(self):
