@@ -158,20 +158,11 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
     }
 
 
-def _sample_fn(
-    suite: str,
-    sampler: str,
-    num_steps,
-    num_timesteps: int = 1000,
-    dtype='float32',
-    paper_form: bool = False,
-):
-    config = suites.get_config(suite, num_timesteps, dtype, paper_form)
-    batch_size = suites.SUITES[suite].sample_batch
+def _make_sample_fn(config, sampler: str, num_steps, batch_size: int):
+    """The jitted one-scan sampler of `config`'s network, and the experiment it was built from."""
     exp = experiment.build(config)
-    model = exp.model
     fn = sampling.make_sample_fn(
-        model,
+        exp.model,
         exp.diffusion,
         batch_size=batch_size,
         image_shape=exp.image_shape,
@@ -179,11 +170,18 @@ def _sample_fn(
         num_steps=num_steps,
         mesh=parallel.create_mesh(),
     )
+    return fn, exp
+
+
+def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, dtype='float32'):
+    config = suites.get_config(suite, num_timesteps, dtype)
+    batch_size = suites.SUITES[suite].sample_batch
+    fn, exp = _make_sample_fn(config, sampler, num_steps, batch_size)
     shape = (1, *exp.image_shape)
     params = jax.jit(
-        lambda r: model.init(r, np.zeros(shape, np.float32), np.zeros((1,), np.int32), train=False)[
-            'params'
-        ]
+        lambda r: exp.model.init(
+            r, np.zeros(shape, np.float32), np.zeros((1,), np.int32), train=False
+        )['params']
     )(jax.random.key(0))
     return fn, params, batch_size
 
@@ -201,7 +199,8 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
         run = functools.partial(compiled, params, rng, np.int32(0))
         seconds, mem = _measure(run, repeats)
         flops = _flops(compiled)
-        paper_fn = _sample_fn(suite, sampler, num_steps, dtype=dtype, paper_form=True)[0]
+        paper = suites.get_config(suite, dtype=dtype, paper_form=True)
+        paper_fn = _make_sample_fn(paper, sampler, num_steps, batch_size)[0]  # same params
         model_flops = _flops(paper_fn.lower(params, rng))
         results[f'{sampler}_{num_steps}'] = {
             'batch_size': batch_size,

@@ -21,22 +21,37 @@ def _get_dtype(name: str, key: str) -> Any:
     return jnp.dtype(name)
 
 
-def conv_impl(name: str, platform: str | None = None) -> str:
-    """`config.model.conv_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu'; None:
-    this machine's default backend)."""
-    options.check_choice('config.model.conv_impl', name, options.CONV_IMPLS)
+def _resolve(
+    key: str,
+    name: str,
+    choices: tuple[str, ...],
+    auto: dict[str, str],
+    default: str,
+    platform: str | None,
+) -> str:
+    """`config.model.<key>` checked, with 'auto' taken from `auto` for `platform` (None: this
+    machine's default backend; a platform `auto` does not name gets `default`)."""
+    options.check_choice(f'config.model.{key}', name, choices)
     if name != 'auto':
         return name
-    return options.AUTO_CONV_IMPL.get(platform or jax.default_backend(), 'xla')
+    return auto.get(platform or jax.default_backend(), default)
+
+
+def conv_impl(name: str, platform: str | None = None) -> str:
+    """`config.model.conv_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
+    return _resolve('conv_impl', name, options.CONV_IMPLS, options.AUTO_CONV_IMPL, 'xla', platform)
 
 
 def upsample_impl(name: str, platform: str | None = None) -> str:
-    """`config.model.upsample_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu';
-    None: this machine's default backend)."""
-    options.check_choice('config.model.upsample_impl', name, options.UPSAMPLE_IMPLS)
-    if name != 'auto':
-        return name
-    return options.AUTO_UPSAMPLE_IMPL.get(platform or jax.default_backend(), 'repeat')
+    """`config.model.upsample_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
+    return _resolve(
+        'upsample_impl',
+        name,
+        options.UPSAMPLE_IMPLS,
+        options.AUTO_UPSAMPLE_IMPL,
+        'repeat',
+        platform,
+    )
 
 
 def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
