@@ -2,10 +2,12 @@
 
     python -m benchmarks.peer_torch --suite=cpu --out=FILE.json
 
-`benchmarks.run` starts this as a child process of the same invocation, before our side touches
-the accelerator (so JAX's GPU preallocation cannot starve it), and each side's memory is then
-its own process's. Sizes come from `suites`; like ours, every timing follows one warm-up call
-and is the median of --repeats runs, synchronising with `torch.cuda.synchronize` on CUDA.
+`benchmarks.run` starts this as a child process of the same invocation, and each side's memory
+is then its own process's. On a GPU it runs first, before our side touches the accelerator (so
+JAX's GPU preallocation cannot starve it); on the CPU suite it serves (--serve): it prepares
+every measurement, then times one call at a time when our side asks, in turns with ours
+(`interleave`). Sizes come from `suites`; like ours, every timing follows one warm-up call and
+is the median of the timed calls, synchronising with `torch.cuda.synchronize` on CUDA.
 * train: the network from `peer_config` (its parameter count must equal ours), in train mode
   (dropout as configured); eps-prediction MSE at t ~ U{0..T-1} with `DDPMScheduler.add_noise`;
   torch Adam with config.optim's lr, betas, eps and linear warm-up (fused kernel); global-norm
@@ -20,10 +22,12 @@ our U-Net computes the same function.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from absl import app, flags, logging
 
-from benchmarks import memory, peer_config, suites
+from benchmarks import interleave, memory, peer_config, suites
 
 _SUITE = flags.DEFINE_enum('suite', 'cpu', tuple(suites.SUITES), 'Which sizes to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
@@ -42,6 +46,12 @@ _TRAIN_DTYPES = flags.DEFINE_list('train_dtypes', ['float32'], 'Compute dtype of
 _SAMPLE_DTYPE = flags.DEFINE_enum('sample_dtype', 'float32', suites.DTYPES, 'Sampling dtype.')
 _THREADS = flags.DEFINE_integer('threads', None, 'torch CPU threads (default: usable cores).')
 _CHECK = flags.DEFINE_bool('check', True, 'Check with JAX on the CPU that ours = the peer.')
+_SERVE = flags.DEFINE_bool(
+    'serve',
+    False,
+    'CPU suites: prepare every measurement, then time calls as `benchmarks.run` asks on stdin, '
+    "in turns with ours (`benchmarks.interleave`); --repeats is then the caller's.",
+)
 
 
 def _device(suite: str) -> torch.device:
@@ -67,6 +77,21 @@ def _device_name(device: torch.device) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One measurement, warmed up.
+
+    Attributes:
+        call: runs it once and returns when the device is done.
+        record: its fixed fields (batch size, dtype, ...).
+        timing: the median seconds of one call -> the record's timing fields.
+    """
+
+    call: Callable[[], object]
+    record: dict
+    timing: Callable[[float], dict]
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -125,8 +150,11 @@ def _ddpm_scheduler(config) -> diffusers.DDPMScheduler:
     )
 
 
-def bench_train(suite: str, dtype: str, device: torch.device, repeats: int) -> dict:
-    """ms per Adam step on a fixed random batch [B, C, S, S] in [-1, 1] (ours: same values)."""
+def prepare_train(suite: str, dtype: str, device: torch.device) -> Prepared:
+    """Adam steps on a fixed random batch [B, C, S, S] in [-1, 1] (ours: the same values).
+
+    One call runs the suite's `train_steps` steps; the record gives ms per step.
+    """
     config, s = suites.get_config(suite, dtype=dtype), suites.SUITES[suite]
     unet = create_unet(suite, device).train()
     scheduler = _ddpm_scheduler(config)
@@ -167,20 +195,22 @@ def bench_train(suite: str, dtype: str, device: torch.device, repeats: int) -> d
             loss = step()
         return float(loss)  # waits for the last step, as block_until_ready does
 
+    def timing(seconds_per_call: float) -> dict:
+        seconds = seconds_per_call / s.train_steps
+        return {
+            'step_ms': 1e3 * seconds,
+            'steps_per_s': 1 / seconds,
+            'images_per_s': s.train_batch / seconds,
+        }
+
     float(step())  # warm-up
-    record = {'batch_size': s.train_batch, 'dtype': dtype}
-    with _peak_memory(device, record):
-        seconds = _median_seconds(run, repeats, device) / s.train_steps
-    record.update(
-        step_ms=1e3 * seconds, steps_per_s=1 / seconds, images_per_s=s.train_batch / seconds
-    )
-    return record
+    return Prepared(run, {'batch_size': s.train_batch, 'dtype': dtype}, timing)
 
 
-def bench_sampler(
-    suite: str, sampler: str, num_steps: int, dtype: str, device: torch.device, repeats: int
-) -> dict:
-    """Seconds per batch of the diffusers scheduler loop over `num_steps` reverse steps."""
+def prepare_sampler(
+    suite: str, sampler: str, num_steps: int, dtype: str, device: torch.device
+) -> Prepared:
+    """The diffusers scheduler loop over `num_steps` reverse steps; one call samples a batch."""
     config, s = suites.get_config(suite, dtype=dtype), suites.SUITES[suite]
     unet = create_unet(suite, device).eval()
     if sampler == 'ancestral':
@@ -211,17 +241,22 @@ def bench_sampler(
             x = scheduler.step(eps.float(), t, x, generator=generator).prev_sample
         return x
 
-    sample()  # warm-up
-    record = {'batch_size': s.sample_batch, 'num_steps': num_steps, 'dtype': dtype}
-    with _peak_memory(device, record):
-        seconds = _median_seconds(sample, repeats, device)
-    images_per_s = s.sample_batch / seconds
-    record.update(
-        seconds_per_batch=seconds,
-        images_per_s=images_per_s,
-        hours_for_50k=50_000 / images_per_s / 3600,
+    def run() -> None:
+        sample()
+        _sync(device)
+
+    def timing(seconds: float) -> dict:
+        images_per_s = s.sample_batch / seconds
+        return {
+            'seconds_per_batch': seconds,
+            'images_per_s': images_per_s,
+            'hours_for_50k': 50_000 / images_per_s / 3600,
+        }
+
+    run()  # warm-up
+    return Prepared(
+        run, {'batch_size': s.sample_batch, 'num_steps': num_steps, 'dtype': dtype}, timing
     )
-    return record
 
 
 def check_same_function(suite: str) -> dict:
@@ -256,6 +291,46 @@ def check_same_function(suite: str) -> dict:
     }
 
 
+def measure(prepared: Prepared, repeats: int, device: torch.device) -> dict:
+    """The record of `prepared`: the median of `repeats` timed calls, and their peak memory."""
+    record = dict(prepared.record)
+    with _peak_memory(device, record):
+        seconds = _median_seconds(prepared.call, repeats, device)
+    record.update(prepared.timing(seconds))
+    return record
+
+
+def _prepare_all(suite: str, train_dtypes: list[str], sample_dtype: str, device: torch.device):
+    """(name, `Prepared`) per measurement, as `benchmarks.run` names them; prepared lazily."""
+    for dtype in train_dtypes:
+        logging.info('peer train step (%s, %s)', suite, dtype)
+        yield f'train_{dtype}', prepare_train(suite, dtype, device)
+    for sampler, num_steps in suites.SAMPLERS:
+        logging.info('peer %s sampler, %d steps', sampler, num_steps)
+        yield (
+            f'{sampler}_{num_steps}',
+            prepare_sampler(suite, sampler, num_steps, sample_dtype, device),
+        )
+
+
+def _results_header(suite: str, device: torch.device) -> dict:
+    return {
+        'versions': {'torch': torch.__version__, 'diffusers': diffusers.__version__},
+        'device': _device_name(device),
+        'threads': torch.get_num_threads(),
+        'num_params': suites.SUITES[suite].num_params,
+        'train': {},
+        'sampling': {},
+    }
+
+
+def _store(results: dict, name: str, record: dict) -> None:
+    if name.startswith('train_'):
+        results['train'][name.removeprefix('train_')] = record
+    else:
+        results['sampling'][name] = record
+
+
 def run_all(
     suite: str,
     train_dtypes: list[str],
@@ -270,24 +345,33 @@ def run_all(
     device = _device(suite)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
-    results = {
-        'versions': {'torch': torch.__version__, 'diffusers': diffusers.__version__},
-        'device': _device_name(device),
-        'threads': torch.get_num_threads(),
-        'num_params': suites.SUITES[suite].num_params,
-        'train': {},
-        'sampling': {},
-    }
-    for dtype in train_dtypes:
-        logging.info('peer train step (%s, %s)', suite, dtype)
-        results['train'][dtype] = bench_train(suite, dtype, device, repeats)
+    results = _results_header(suite, device)
+    for name, prepared in _prepare_all(suite, train_dtypes, sample_dtype, device):
+        _store(results, name, measure(prepared, repeats, device))
         on_row(results)
-    for sampler, num_steps in suites.SAMPLERS:
-        logging.info('peer %s sampler, %d steps', sampler, num_steps)
-        results['sampling'][f'{sampler}_{num_steps}'] = bench_sampler(
-            suite, sampler, num_steps, sample_dtype, device, repeats
-        )
-        on_row(results)
+    return results
+
+
+def serve_all(suite: str, train_dtypes: list[str], sample_dtype: str) -> dict:
+    """Prepares every measurement, then times calls as `benchmarks.run` asks (`interleave`).
+
+    CPU only: on a GPU our side would share the device with this process. Returns the same
+    record as `run_all`, each row the median of the calls timed, with 'round_seconds' listing
+    them; a measurement never asked for is left out.
+    """
+    device = _device(suite)
+    if device.type != 'cpu':
+        raise RuntimeError('--serve times the peer in turns with ours, which needs a CPU suite')
+    results = _results_header(suite, device)
+    prepared = dict(_prepare_all(suite, train_dtypes, sample_dtype, device))
+    timed = interleave.serve(
+        {name: p.call for name, p in prepared.items()}, sys.stdin, interleave.protocol_stream()
+    )
+    for name, record in timed.items():
+        row = dict(prepared[name].record, memory=record['memory'])
+        row.update(prepared[name].timing(statistics.median(record['seconds'])))
+        row['round_seconds'] = record['seconds']
+        _store(results, name, row)
     return results
 
 
@@ -301,11 +385,13 @@ def main(argv: list[str]) -> None:
             with open(_OUT.value + '.partial.json', 'w') as f:
                 json.dump(results, f, indent=2)
 
-    results = run_all(
-        _SUITE.value, _TRAIN_DTYPES.value, _SAMPLE_DTYPE.value, _REPEATS.value, write_partial
-    )
+    suite, train_dtypes, sample_dtype = _SUITE.value, _TRAIN_DTYPES.value, _SAMPLE_DTYPE.value
+    if _SERVE.value:
+        results = serve_all(suite, train_dtypes, sample_dtype)
+    else:
+        results = run_all(suite, train_dtypes, sample_dtype, _REPEATS.value, write_partial)
     if _CHECK.value:
-        results['check'] = check_same_function(_SUITE.value)
+        results['check'] = check_same_function(suite)
         logging.info('ours vs peer, same weights: %s', results['check'])
     text = json.dumps(results, indent=2)
     if _OUT.value:

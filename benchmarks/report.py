@@ -62,6 +62,9 @@ def format_table(results: dict) -> str:
     peaks_used = {}
     for label, is_train, ours, theirs, ratio in _rows(results):
         speed = f'{ratio["ours_over_peer_throughput"]:.2f}x' if ratio else '-'
+        if ratio and 'rounds' in ratio:  # taken in turns: each round's ratio too
+            rounds = ratio['rounds']
+            speed += f' (rounds {rounds["min"]:.2f}x to {rounds["max"]:.2f}x)'
         lines.append(
             f'| {label} | {ours["batch_size"]} | {_time(ours, is_train)} | '
             f'{_time(theirs, is_train)} | {speed} | {_pct(ours.get("mfu"))} | '
@@ -74,6 +77,8 @@ def format_table(results: dict) -> str:
                 peaks_used[p['source'], p['num_devices']] = p['tflops']
     peer = results.get('peer', {})
     notes = [f'peer: {peer.get("status")}']
+    if peer.get('interleaved'):
+        notes[0] += ', in turns with ours'
     if peer.get('status') == 'ok':
         notes[0] += (
             f' (torch {peer["versions"]["torch"]}, diffusers {peer["versions"]["diffusers"]})'

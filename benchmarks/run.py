@@ -14,15 +14,18 @@ Measures, after a warm-up call and with `block_until_ready`:
   largest), else the process's host RSS sampled during the measurement (`memory`); and XLA's
   own buffer-assignment peak of the compiled program;
 * the PyTorch peer (`peer_torch`: diffusers' UNet2DModel as the same network, torch Adam and
-  diffusers' schedulers), run first in a child process of this invocation when --peer allows,
-  with our/peer ratios of throughput and memory.
+  diffusers' schedulers) in a child process of this invocation when --peer allows, with our/peer
+  ratios of throughput and memory. On the cpu suite (--interleave) the two sides take turns,
+  one timed call each per round (`interleave`), and the ratios also give each round's; on a
+  GPU the peer runs first, before JAX takes the device's memory.
 
 The `cpu` suite uses the digits network (8x8, 651k parameters) so it runs in a few minutes on a
 laptop; the `gpu` suite uses the paper's CIFAR10 network (35.7M) at batch 128. Both use the
-paper's linear betas with T=1000. Timings are medians of --repeats runs. Never run these as
+paper's linear betas with T=1000. Timings are medians of --repeats calls. Never run these as
 tests: they measure, they do not check.
 """
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -40,12 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks import memory, peaks, report, suites
+from benchmarks import interleave, memory, peaks, report, suites
 from diffusion_jax import experiment, parallel, sampling, train
 
 _SUITE = flags.DEFINE_enum('suite', 'cpu', tuple(suites.SUITES), 'Which sizes to measure.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results here as JSON.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (median reported).')
+_REPEATS = flags.DEFINE_integer(
+    'repeats', 5, 'Timed calls per measurement, per side (the median is reported).'
+)
 _DTYPE = flags.DEFINE_enum(
     'dtype',
     'float32',
@@ -63,23 +68,45 @@ _PEER_RESULT = flags.DEFINE_string(
     'instead of running it; `benchmarks/device.sh` runs the peer under its own time limit.',
 )
 _PEER_CHECK = flags.DEFINE_bool('peer_check', True, "Check the peer computes our U-Net's function.")
+_INTERLEAVE = flags.DEFINE_bool(
+    'interleave',
+    True,
+    'cpu suite: time ours and the peer in turns, one call each per round (`interleave`), so '
+    "that this machine's slow spells fall on both; otherwise the peer runs first, all at once.",
+)
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device for MFU.')
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def _seconds(fn: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
-def _measure(fn: Callable[[], object], repeats: int) -> tuple[float, dict]:
-    """(median seconds of fn, the memory record of the timed runs)."""
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_seconds(fn, repeats))
+
+
+def _measure(
+    fn: Callable[[], object], repeats: int, peer_call: Callable[[], float] | None = None
+) -> tuple[float, dict, list[float]]:
+    """(median seconds of fn, the memory record of the timed calls, the seconds of each).
+
+    With `peer_call` (`interleave.Peer.time` of the same measurement), the peer's calls take
+    turns with ours (`interleave.take_turns`).
+    """
     with memory.HostRssPeak() as host:
-        seconds = _median_seconds(fn, repeats)
+        if peer_call is None:
+            times = _seconds(fn, repeats)
+        else:
+            times, _ = interleave.take_turns(
+                lambda: jax.block_until_ready(fn()), peer_call, repeats
+            )
+        seconds = statistics.median(times)
     stats = jax.devices()[0].memory_stats()
     if stats and 'peak_bytes_in_use' in stats:
         record = {
@@ -89,7 +116,14 @@ def _measure(fn: Callable[[], object], repeats: int) -> tuple[float, dict]:
         }
     else:  # XLA:CPU does not count its bytes
         record = host.as_dict()
-    return seconds, record
+    return seconds, record, times
+
+
+def _peer_call(peer: interleave.Peer | None, name: str) -> Callable[[], float] | None:
+    """Times one call of the peer's `name` measurement, if a serving peer has it."""
+    if peer is None or name not in peer.names:
+        return None
+    return functools.partial(peer.time, name)
 
 
 def _flops(program) -> float | None:
@@ -108,8 +142,11 @@ def _program_bytes(compiled) -> int | None:
         return None
 
 
-def bench_train(suite: str, dtype: str, repeats: int) -> dict:
-    """Times the jitted train step on a fixed random batch [B, S, S, C] in [-1, 1]."""
+def bench_train(suite: str, dtype: str, repeats: int, peer: interleave.Peer | None = None) -> dict:
+    """Times the jitted train step on a fixed random batch [B, S, S, C] in [-1, 1].
+
+    With `peer` (serving), its train step of the same dtype takes turns with ours.
+    """
     config, s = suites.get_config(suite, dtype=dtype), suites.SUITES[suite]
     mesh = parallel.create_mesh()
     exp = experiment.build(config)
@@ -132,8 +169,8 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
         holder[0] = s_
         return metrics['loss']
 
-    seconds, mem = _measure(run, repeats)
-    seconds /= s.train_steps
+    call_seconds, mem, times = _measure(run, repeats, _peer_call(peer, f'train_{dtype}'))
+    seconds = call_seconds / s.train_steps
     flops = _flops(compiled)
     paper = suites.get_config(suite, dtype=dtype, paper_form=True)
     paper_exp = experiment.build(paper)
@@ -155,6 +192,7 @@ def bench_train(suite: str, dtype: str, repeats: int) -> dict:
         'achieved_tflops': model_flops / seconds / 1e12 if model_flops else None,
         'memory': mem,
         'xla_program_peak_bytes': _program_bytes(compiled),
+        'round_seconds': times,  # each timed call, `train_steps` steps
     }
 
 
@@ -186,8 +224,13 @@ def _sample_fn(suite: str, sampler: str, num_steps, num_timesteps: int = 1000, d
     return fn, params, batch_size
 
 
-def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
-    """Times each of `suites.SAMPLERS` on one batch, from noise to images."""
+def bench_sampling(
+    suite: str, dtype: str, repeats: int, peer: interleave.Peer | None = None
+) -> dict:
+    """Times each of `suites.SAMPLERS` on one batch, from noise to images.
+
+    With `peer` (serving), its sampler of the same name takes turns with ours.
+    """
     results = {}
     for sampler, num_steps in suites.SAMPLERS:
         fn, params, batch_size = _sample_fn(suite, sampler, num_steps, dtype=dtype)
@@ -197,12 +240,13 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
         compile_s = time.perf_counter() - start
         jax.block_until_ready(compiled(params, rng, np.int32(0)))  # warm-up
         run = functools.partial(compiled, params, rng, np.int32(0))
-        seconds, mem = _measure(run, repeats)
+        name = f'{sampler}_{num_steps}'
+        seconds, mem, times = _measure(run, repeats, _peer_call(peer, name))
         flops = _flops(compiled)
         paper = suites.get_config(suite, dtype=dtype, paper_form=True)
         paper_fn = _make_sample_fn(paper, sampler, num_steps, batch_size)[0]  # same params
         model_flops = _flops(paper_fn.lower(params, rng))
-        results[f'{sampler}_{num_steps}'] = {
+        results[name] = {
             'batch_size': batch_size,
             'num_steps': num_steps,
             'dtype': dtype,
@@ -216,6 +260,7 @@ def bench_sampling(suite: str, dtype: str, repeats: int) -> dict:
             'achieved_tflops': model_flops * num_steps / seconds / 1e12 if model_flops else None,
             'memory': mem,
             'xla_program_peak_bytes': _program_bytes(compiled),
+            'round_seconds': times,
         }
     return results
 
@@ -231,8 +276,8 @@ def compile_vs_num_timesteps(suite: str) -> dict[str, float]:
     return out
 
 
-def run_peer(mode: str, suite: str, train_dtypes, sample_dtype: str, repeats: int) -> dict:
-    """Runs `benchmarks.peer_torch` in a child process of this interpreter; its JSON record."""
+def _peer_unavailable(mode: str) -> dict | None:
+    """The peer's record if it is not to run (--peer=off, or torch or diffusers missing)."""
     if mode == 'off':
         return {'status': 'off'}
     missing = [m for m in ('torch', 'diffusers') if importlib.util.find_spec(m) is None]
@@ -240,28 +285,83 @@ def run_peer(mode: str, suite: str, train_dtypes, sample_dtype: str, repeats: in
         if mode == 'on':
             raise app.UsageError(f'--peer=on needs {missing}: pip install -e ".[bench]"')
         return {'status': 'peer not installed', 'missing': missing}
+    return None
+
+
+def _peer_args(suite: str, train_dtypes, sample_dtype: str, repeats: int, out: str) -> list[str]:
+    return [
+        '-m',
+        'benchmarks.peer_torch',
+        f'--suite={suite}',
+        f'--train_dtypes={",".join(train_dtypes)}',
+        f'--sample_dtype={sample_dtype}',
+        f'--repeats={repeats}',
+        f'--check={_PEER_CHECK.value}',
+        f'--out={out}',
+    ]
+
+
+def _peer_env() -> dict:
+    # The peer's JAX (its correctness check only) stays on the CPU, off the GPU.
+    return {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+
+
+def _peer_record(mode: str, returncode: int, out: str, args: list[str]) -> dict:
+    """The peer's JSON record once its process has exited with `returncode`."""
+    if returncode:
+        if mode == 'on':
+            raise RuntimeError(f'the peer failed (exit {returncode}); see its log above')
+        return {'status': 'failed', 'returncode': returncode}
+    with open(out) as f:
+        result = json.load(f)
+    command = 'python ' + ' '.join(a for a in args if not a.startswith('--out='))
+    return {'status': 'ok', 'command': command, **result}
+
+
+def run_peer(mode: str, suite: str, train_dtypes, sample_dtype: str, repeats: int) -> dict:
+    """Runs `benchmarks.peer_torch` in a child process of this interpreter; its JSON record."""
+    unavailable = _peer_unavailable(mode)
+    if unavailable:
+        return unavailable
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'peer.json')
-        args = [
-            '-m',
-            'benchmarks.peer_torch',
-            f'--suite={suite}',
-            f'--train_dtypes={",".join(train_dtypes)}',
-            f'--sample_dtype={sample_dtype}',
-            f'--repeats={repeats}',
-            f'--check={_PEER_CHECK.value}',
-            f'--out={out}',
-        ]
-        # The peer's JAX (its correctness check only) stays on the CPU, off the GPU.
-        env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-        proc = subprocess.run([sys.executable, *args], cwd=_REPO, env=env, check=False)
-        if proc.returncode:
-            if mode == 'on':
-                raise RuntimeError(f'the peer failed (exit {proc.returncode}); see its log above')
-            return {'status': 'failed', 'returncode': proc.returncode}
-        with open(out) as f:
-            result = json.load(f)
-    return {'status': 'ok', 'command': 'python ' + ' '.join(args[:-1]), **result}
+        args = _peer_args(suite, train_dtypes, sample_dtype, repeats, out)
+        proc = subprocess.run([sys.executable, *args], cwd=_REPO, env=_peer_env(), check=False)
+        return _peer_record(mode, proc.returncode, out, args)
+
+
+def start_peer(
+    mode: str, suite: str, train_dtypes, sample_dtype: str, tmp: str
+) -> tuple[interleave.Peer | None, dict]:
+    """Starts `benchmarks.peer_torch --serve`; (the serving peer or None, its record so far).
+
+    Returns once the peer has prepared and warmed up all its measurements.
+    """
+    unavailable = _peer_unavailable(mode)
+    if unavailable:
+        return None, unavailable
+    out = os.path.join(tmp, 'peer.json')
+    args = [*_peer_args(suite, train_dtypes, sample_dtype, 0, out), '--serve']
+    args = [a for a in args if not a.startswith('--repeats=')]  # ours sets the rounds
+    try:
+        peer = interleave.Peer([sys.executable, *args], cwd=_REPO, env=_peer_env())
+    except interleave.PeerError as e:
+        if mode == 'on':
+            raise RuntimeError(f'the peer failed to start: {e}') from e
+        return None, {'status': 'failed', 'error': str(e)}
+    return peer, {'status': 'serving', 'args': args, 'out': out}
+
+
+def finish_peer(peer: interleave.Peer, mode: str, record: dict) -> dict:
+    """Stops the serving peer; its JSON record (`run_peer`'s, with 'interleaved': True).
+
+    Args:
+        peer: the serving peer (`start_peer`).
+        mode: --peer.
+        record: the record `start_peer` returned with it.
+    """
+    result = _peer_record(mode, peer.finish(), record['out'], record['args'])
+    return {**result, 'interleaved': True} if result['status'] == 'ok' else result
 
 
 def _peak(row: dict, kind: str, platform_name: str, num_devices: int) -> dict | None:
@@ -302,6 +402,10 @@ def add_mfu_and_ratios(results: dict) -> None:
                 row['memory']['peak_bytes'] / theirs['memory']['peak_bytes'] if same_kind else None
             ),
         }
+        if peer.get('interleaved'):  # the same rounds on both sides, in turns
+            results['ratios'][name]['rounds'] = interleave.round_ratios(
+                row['round_seconds'], theirs['round_seconds']
+            )
 
 
 def _matmul_tflops(dtype: str) -> float:
@@ -322,6 +426,11 @@ def _write_partial(results: dict) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    with contextlib.ExitStack() as stack:
+        _run(stack)
+
+
+def _run(stack: contextlib.ExitStack) -> None:
     suite, dtype, repeats = _SUITE.value, _DTYPE.value, _REPEATS.value
     train_dtypes = suites.train_dtypes(dtype, _BF16_TRAIN.value)
     results = {
@@ -330,7 +439,9 @@ def main(argv: list[str]) -> None:
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         'load_average_start': os.getloadavg(),
     }
-    # The peer first, before JAX takes the accelerator (and, on GPUs, most of its memory).
+    # The peer first, before JAX takes the accelerator (and, on GPUs, most of its memory); on
+    # the cpu suite it only prepares, then takes turns with ours.
+    peer = None
     if _PEER_RESULT.value:
         with open(_PEER_RESULT.value) as f:
             results['peer'] = {
@@ -338,6 +449,12 @@ def main(argv: list[str]) -> None:
                 'command': f'read from {_PEER_RESULT.value}',
                 **json.load(f),
             }
+    elif _INTERLEAVE.value and suite == 'cpu':
+        logging.info('PyTorch peer (--peer=%s), serving in turns with ours', _PEER.value)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        peer, results['peer'] = start_peer(_PEER.value, suite, train_dtypes, dtype, tmp)
+        if peer is not None:
+            stack.callback(peer.close)  # stops the child if ours fails
     else:
         logging.info('PyTorch peer (--peer=%s)', _PEER.value)
         results['peer'] = run_peer(_PEER.value, suite, train_dtypes, dtype, repeats)
@@ -354,14 +471,16 @@ def main(argv: list[str]) -> None:
     }
     # Smallest memory first: the device's peak_bytes_in_use only ever grows.
     logging.info('samplers (%s suite, %s)', suite, dtype)
-    results['sampling'] = bench_sampling(suite, dtype, repeats)
+    results['sampling'] = bench_sampling(suite, dtype, repeats, peer)
     _write_partial(results)
     results['train'] = {}
     for train_dtype in reversed(train_dtypes):
         logging.info('train step (%s suite, %s)', suite, train_dtype)
-        results['train'][train_dtype] = bench_train(suite, train_dtype, repeats)
+        results['train'][train_dtype] = bench_train(suite, train_dtype, repeats, peer)
         _write_partial(results)
     results['train'] = {k: results['train'][k] for k in train_dtypes}
+    if peer is not None:  # before anything else runs: the peer's check takes the CPU
+        results['peer'] = finish_peer(peer, _PEER.value, results['peer'])
     results['sampling']['compile_s_vs_num_timesteps'] = compile_vs_num_timesteps(suite)
     results['load_average_end'] = os.getloadavg()
     add_mfu_and_ratios(results)
