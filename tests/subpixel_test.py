@@ -1,6 +1,8 @@
 """models.subpixel and Upsample(impl='subpixel') against nearest-neighbour x2 then a 3x3 conv
 computed tap by tap in float64 numpy (`tests.np_conv`)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,7 +110,10 @@ class SubpixelTest(parameterized.TestCase):
         }
         x = jnp.asarray(_rng_arrays(2, (2, 8, 8, 1))[0], jnp.float32)
         t = jnp.array([3, 200], jnp.int32)
-        inits = {impl: net.init(jax.random.key(0), x, t, train=False) for impl, net in nets.items()}
+        inits = {
+            impl: jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x, t)
+            for impl, net in nets.items()
+        }
         jax.tree.map(np.testing.assert_array_equal, inits['subpixel'], inits['repeat'])
         # Random weights everywhere (the fresh output conv is zero), then a train-style gradient.
         params = jax.tree.map(
@@ -119,7 +124,9 @@ class SubpixelTest(parameterized.TestCase):
         def loss(net):
             return lambda p: jnp.mean(jnp.square(net.apply(p, x, t, train=False) - x))
 
-        values = {impl: jax.value_and_grad(loss(net))(params) for impl, net in nets.items()}
+        values = {
+            impl: jax.jit(jax.value_and_grad(loss(net)))(params) for impl, net in nets.items()
+        }
         np.testing.assert_allclose(values['subpixel'][0], values['repeat'][0], rtol=1e-5)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
