@@ -362,11 +362,10 @@ def serve_all(suite: str, train_dtypes: list[str], sample_dtype: str) -> dict:
     device = _device(suite)
     if device.type != 'cpu':
         raise RuntimeError('--serve times the peer in turns with ours, which needs a CPU suite')
+    out = interleave.protocol_stream()  # first: nothing printed while preparing reaches it
     results = _results_header(suite, device)
     prepared = dict(_prepare_all(suite, train_dtypes, sample_dtype, device))
-    timed = interleave.serve(
-        {name: p.call for name, p in prepared.items()}, sys.stdin, interleave.protocol_stream()
-    )
+    timed = interleave.serve({name: p.call for name, p in prepared.items()}, sys.stdin, out)
     for name, record in timed.items():
         row = dict(prepared[name].record, memory=record['memory'])
         row.update(prepared[name].timing(statistics.median(record['seconds'])))
