@@ -288,14 +288,18 @@ def _peer_unavailable(mode: str) -> dict | None:
     return None
 
 
-def _peer_args(suite: str, train_dtypes, sample_dtype: str, repeats: int, out: str) -> list[str]:
+def _peer_args(
+    suite: str, train_dtypes, sample_dtype: str, repeats: int | None, out: str
+) -> list[str]:
+    """The peer's command line; `repeats` None: it serves (--serve), ours sets the rounds."""
+    timing = ['--serve'] if repeats is None else [f'--repeats={repeats}']
     return [
         '-m',
         'benchmarks.peer_torch',
         f'--suite={suite}',
         f'--train_dtypes={",".join(train_dtypes)}',
         f'--sample_dtype={sample_dtype}',
-        f'--repeats={repeats}',
+        *timing,
         f'--check={_PEER_CHECK.value}',
         f'--out={out}',
     ]
@@ -341,8 +345,7 @@ def start_peer(
     if unavailable:
         return None, unavailable
     out = os.path.join(tmp, 'peer.json')
-    args = [*_peer_args(suite, train_dtypes, sample_dtype, 0, out), '--serve']
-    args = [a for a in args if not a.startswith('--repeats=')]  # ours sets the rounds
+    args = _peer_args(suite, train_dtypes, sample_dtype, None, out)
     try:
         peer = interleave.Peer([sys.executable, *args], cwd=_REPO, env=_peer_env())
     except interleave.PeerError as e:

@@ -113,13 +113,6 @@ def _fresh_state_and_step(config, num_microbatches: int = 1):
     return state, jax.jit(step)
 
 
-def _adam_mu(opt_state):
-    """The first moment of the optax Adam state inside `opt_state` (a chain's tuple)."""
-    states = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-    (adam,) = [s for s in states if isinstance(s, optax.ScaleByAdamState)]
-    return adam.mu
-
-
 def _leaves_equal(a, b):
     return all(
         np.array_equal(np.asarray(x), np.asarray(y))
@@ -201,7 +194,7 @@ class MicrobatchTest(absltest.TestCase):
         # within float32 rounding of the summation order, relative to each entry, with a floor
         # at 1e-6 of the largest entry for gradients that are zero but for rounding (the biases
         # just before the output GroupNorm, whose conv_out starts at zero: about 1e-10).
-        mu = [_adam_mu(s.opt_state) for s in (whole, sliced)]
+        mu = [optax.tree_utils.tree_get(s.opt_state, 'mu') for s in (whole, sliced)]
         floor = 1e-6 * max(float(np.abs(m).max()) for m in jax.tree.leaves(mu[0]))
         for a, b in zip(jax.tree.leaves(mu[0]), jax.tree.leaves(mu[1]), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=floor)
