@@ -9,6 +9,14 @@ locks, so that concurrent processes never read a half-written entry. The directo
 each run and removed at its end: nothing carries over between runs. A cache directory already
 set in the environment is used as it is.
 
+Only programs that took at least a second to compile are cached. With a size limit, JAX's cache
+takes one lock for the whole directory on every read and write, and every write lists the
+directory and reads each entry's access time (`jax._src.lru_cache`), so a write costs time in
+proportion to the entries already there. Caching everything (JAX's eager operations included)
+put about 1,250 entries in the cache for three test files alone and made the whole suite
+quadratic in its entries: the fast tier took 6 min 48 s with every program cached and 3 min 20 s
+with this threshold (2026-12-07), which leaves about 15 entries, the programs worth sharing.
+
 The cache changes how long tests take, never what they compute: a cached program is the same
 XLA executable that compiling would give.
 
@@ -41,7 +49,7 @@ _OWNED_CACHE_DIR = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     _OWNED_CACHE_DIR = tempfile.mkdtemp(prefix='diffusion_jax_tests_xla_cache_')
     os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWNED_CACHE_DIR
-    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+    os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
     os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 
 
