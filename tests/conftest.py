@@ -13,8 +13,8 @@ Only programs that took at least a second to compile are cached. With a size lim
 takes one lock for the whole directory on every read and write, and every write lists the
 directory and reads each entry's access time (`jax._src.lru_cache`), so a write costs time in
 proportion to the entries already there. Caching everything (JAX's eager operations included)
-put about 1,250 entries in the cache for three test files alone and made the whole suite
-quadratic in its entries: the fast tier took 6 min 48 s with every program cached and 3 min 20 s
+put about 1,250 entries in the cache for three test files alone, and the suite's writes cost
+time quadratic in the entries: the fast tier took 6 min 48 s with every program cached and 3 min 20 s
 with this threshold (2026-12-07), which leaves about 15 entries, the programs worth sharing.
 
 The cache changes how long tests take, never what they compute: a cached program is the same

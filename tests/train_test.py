@@ -190,7 +190,7 @@ class TrainLoopTest(parameterized.TestCase):
             ema_decay=config.optim.ema_decay,
             learning_rate_fn=lr_fn,
         )
-        batch = {'image': jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)}
+        batch = {'image': jax.ShapeDtypeStruct((4, *experiment.image_shape(config)), jnp.float32)}
         lowered = jax.jit(step).lower(state, batch, jax.random.key(1))
         new_state, _ = lowered.out_info
         self.assertEqual(jax.tree.structure(new_state), jax.tree.structure(state))
