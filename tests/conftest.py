@@ -14,8 +14,9 @@ takes one lock for the whole directory on every read and write, and every write 
 directory and reads each entry's access time (`jax._src.lru_cache`), so a write costs time in
 proportion to the entries already there. Caching everything (JAX's eager operations included)
 put about 1,250 entries in the cache for three test files alone, and the suite's writes cost
-time quadratic in the entries: the fast tier took 6 min 48 s with every program cached and 3 min 20 s
-with this threshold (2026-12-07), which leaves about 15 entries, the programs worth sharing.
+time quadratic in the entries: the fast tier took 6 min 48 s with every program cached and
+3 min 20 s with this threshold (2026-12-07), which leaves about 15 entries, the programs worth
+sharing.
 
 The cache changes how long tests take, never what they compute: a cached program is the same
 XLA executable that compiling would give.
