@@ -20,7 +20,7 @@ import pytest
 from absl.testing import absltest, parameterized
 
 from configs import cifar10, digits
-from diffusion_jax import checkpointing, experiment, models, train
+from diffusion_jax import checkpointing, experiment, models, parallel, train
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
 
@@ -184,14 +184,11 @@ class TrainLoopTest(parameterized.TestCase):
             )
         )
         self.assertEqual(sum(x.size for x in jax.tree.leaves(state.params)), 35_746_307)
-        step = functools.partial(
-            train.train_step,
-            diffusion=experiment.create_diffusion(config),
-            ema_decay=config.optim.ema_decay,
-            learning_rate_fn=lr_fn,
+        step = train.make_jit_train_step(
+            config, experiment.create_diffusion(config), lr_fn, parallel.create_mesh()
         )
         batch = {'image': jax.ShapeDtypeStruct((4, *experiment.image_shape(config)), jnp.float32)}
-        lowered = jax.jit(step).lower(state, batch, jax.random.key(1))
+        lowered = step.lower(state, batch, jax.random.key(1))
         new_state, _ = lowered.out_info
         self.assertEqual(jax.tree.structure(new_state), jax.tree.structure(state))
         for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
