@@ -92,6 +92,7 @@ SCHEMA: dict[str, Field] = {
     'model.remat': Field(bool),
     'model.conv_impl': Field(str, choices=options.CONV_IMPLS),
     'model.upsample_impl': Field(str, choices=options.UPSAMPLE_IMPLS),
+    'model.nin_impl': Field(str, choices=options.NIN_IMPLS),
     'model.rescale_timesteps': Field(bool),
     'model.num_classes': Field(int, bounds=_NON_NEGATIVE),  # 0: unconditional
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
@@ -592,7 +593,12 @@ def _warn_about_the_endpoint(v: dict[str, Any]) -> None:
 
 
 # model.* keys that change how the network is computed, not its weights or its outputs.
-_COMPUTATION_ONLY_KEYS = ('model.remat', 'model.conv_impl', 'model.upsample_impl')
+_COMPUTATION_ONLY_KEYS = (
+    'model.remat',
+    'model.conv_impl',
+    'model.upsample_impl',
+    'model.nin_impl',
+)
 # Weight keys added after checkpoints were first written, with the value that such older
 # checkpoints were trained with: a stored config without the key means that value.
 _LATER_WEIGHT_KEYS = {

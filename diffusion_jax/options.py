@@ -25,6 +25,15 @@ AUTO_CONV_IMPL = {'cpu': 'xla', 'gpu': 'xla', 'tpu': 'xla'}
 UPSAMPLE_METHODS = ('repeat', 'subpixel')  # what 'auto' resolves to: layers.Upsample's impl
 UPSAMPLE_IMPLS = ('auto', *UPSAMPLE_METHODS)
 AUTO_UPSAMPLE_IMPL = {'cpu': 'subpixel', 'gpu': 'repeat', 'tpu': 'repeat'}
+# How the 1x1 layers (the original's `nin`: residual shortcuts, attention's q, k, v and proj_out)
+# are computed: 'dense' (a matmul over the channel axis, the original's) or 'conv' (XLA's 1x1
+# convolution, whose kernel gradient XLA:CPU computes as fast as its 3x3 convs' where the dense
+# form's is a slow transposed matmul). 'auto' takes AUTO_NIN_IMPL of the backend: 'conv' where it
+# was measured faster (the CPU, BENCHMARKS.md), 'dense' where it was not measured. The same
+# parameters ([C_in, C_out] kernels) and function whichever is used.
+NIN_METHODS = ('conv', 'dense')  # what 'auto' resolves to: layers.nin's impl
+NIN_IMPLS = ('auto', *NIN_METHODS)
+AUTO_NIN_IMPL = {'cpu': 'conv', 'gpu': 'dense', 'tpu': 'dense'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')

@@ -147,6 +147,11 @@ _BAD_CONFIGS = (
         ],
     ),
     (
+        'unknown_nin_impl_names_the_choices',
+        {'model.nin_impl': 'einsum'},
+        ["config.model.nin_impl: unknown value 'einsum'", "['auto', 'conv', 'dense']"],
+    ),
+    (
         'norm_epsilon_must_be_positive',
         {'model.norm_epsilon': 0.0},
         ['config.model.norm_epsilon: must be in (0, 1), got 0.0'],

@@ -70,6 +70,10 @@ def _model() -> ml_collections.ConfigDict:
     # options.UPSAMPLE_IMPLS: 'auto' (options.AUTO_UPSAMPLE_IMPL of the backend), 'repeat' (the
     # original's) or 'subpixel' (four 2x2 convs). Same weights, results.
     model.upsample_impl = 'auto'
+    # How the 1x1 layers (shortcuts, attention's q, k, v, proj_out) are computed, one of
+    # options.NIN_IMPLS: 'auto' (options.AUTO_NIN_IMPL of the backend), 'dense' (the original's
+    # matmul) or 'conv' (a 1x1 convolution). Same weights, results.
+    model.nin_impl = 'auto'
     # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
     # embedding spans the same range for any T. Defines the weights' meaning.
     model.rescale_timesteps = False

@@ -54,6 +54,11 @@ def upsample_impl(name: str, platform: str | None = None) -> str:
     )
 
 
+def nin_impl(name: str, platform: str | None = None) -> str:
+    """`config.model.nin_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
+    return _resolve('nin_impl', name, options.NIN_IMPLS, options.AUTO_NIN_IMPL, 'dense', platform)
+
+
 def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
     """Builds the denoising network that `config.model` describes.
 
@@ -62,8 +67,8 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
             `diffusion.model_var_type` and, for `model.rescale_timesteps`,
             `diffusion.num_timesteps`.
         device: the device whose cuDNN support and platform decide the attention,
-            `conv_impl='auto'` and `upsample_impl='auto'`; None (the default): this machine's
-            first device.
+            `conv_impl='auto'`, `upsample_impl='auto'` and `nin_impl='auto'`; None (the
+            default): this machine's first device.
 
     Returns:
         An unbound UNet whose output has `num_channels` channels, or twice that when the
@@ -93,6 +98,7 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
         downsample_padding=m.downsample_padding,
         conv_impl=conv_impl(m.conv_impl, platform),
         upsample_impl=upsample_impl(m.upsample_impl, platform),
+        nin_impl=nin_impl(m.nin_impl, platform),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(device),

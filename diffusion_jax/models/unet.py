@@ -42,6 +42,8 @@ class UNet(nn.Module):
             (`layers.conv3x3`); the same parameters and function.
         upsample_impl: how each Upsample's nearest-neighbour x2 and conv are computed:
             'repeat' or 'subpixel' (`layers.Upsample`); the same parameters and function.
+        nin_impl: how the 1x1 layers (residual shortcuts, attention's q, k, v and proj_out)
+            are computed: 'dense' or 'conv' (`layers.nin`); the same parameters and function.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
@@ -74,6 +76,7 @@ class UNet(nn.Module):
     downsample_padding: str = 'same'
     conv_impl: str = 'xla'
     upsample_impl: str = 'repeat'
+    nin_impl: str = 'dense'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
@@ -90,6 +93,7 @@ class UNet(nn.Module):
             epsilon=self.norm_epsilon,
             scale_shift=self.scale_shift_norm,
             conv_impl=self.conv_impl,
+            nin_impl=self.nin_impl,
             separate_skip_gradients=self.remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -106,6 +110,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             cudnn_max_head_dim=self.cudnn_max_head_dim,
+            nin_impl=self.nin_impl,
             name=name,
         )
 
