@@ -398,6 +398,38 @@ class TrainStepTest(parameterized.TestCase):
             ckpt.close()
             self.assertTrue(all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored)))
 
+    def test_the_cpu_compile_options_take_the_same_steps_as_xlas_defaults(self):
+        config = tiny_config()
+        config.model.ch_mult = (1,)  # one level: two compilations of the step in a few seconds
+        d = experiment.create_diffusion(config)
+        model = models.get_model(config)
+        tx, lr_fn = train_state_lib.create_optimizer(config.optim)
+        mesh = parallel.create_mesh()
+        with mock.patch.dict(os.environ, {'XLA_FLAGS': ''}):
+            self.assertEqual(
+                train.train_step_compiler_options(mesh), train.CPU_TRAIN_STEP_COMPILER_OPTIONS
+            )
+            step = train.make_jit_train_step(config, d, lr_fn, mesh)
+        with mock.patch.dict(os.environ, {'XLA_FLAGS': '--xla_backend_optimization_level=0'}):
+            self.assertIsNone(train.train_step_compiler_options(mesh))
+        step_fn = functools.partial(train.train_step, diffusion=d, learning_rate_fn=lr_fn)
+        defaults = jax.jit(functools.partial(step_fn, ema_decay=config.optim.ema_decay))
+        rng = jax.random.key(2)
+        states = []
+        for fn in (step, defaults):
+            state = train_state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+            state = jax.device_put(state, parallel.replicated(mesh))
+            for i in range(3):
+                images = np.random.default_rng(i).uniform(-1, 1, (32, 8, 8, 1)).astype('f4')
+                batch = jax.device_put({'image': images}, parallel.batch_sharding(mesh))
+                state, metrics = fn(state, batch, rng)
+            states.append((jax.device_get(state.params), float(metrics['loss'])))
+        (p_cpu, loss_cpu), (p_default, loss_default) = states
+        np.testing.assert_allclose(loss_cpu, loss_default, rtol=1e-5)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_cpu, p_default
+        )
+
     def test_loss_by_quarter_matches_the_per_example_losses(self):
         config = tiny_config()
         d = experiment.create_diffusion(config)
