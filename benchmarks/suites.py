@@ -45,10 +45,10 @@ DTYPES = ('float32', 'bfloat16')  # compute dtypes; parameters and optimizer sta
 
 
 # The computation of the network as the paper writes it, whose FLOPs MFU counts: the same
-# function and parameters as any other `conv_impl` and `upsample_impl` (`models.subpixel` needs
-# 4/9 of an Upsample conv's multiplies, so counting the compiled program's would credit the
-# faster formulation with less work).
-MODEL_FORM = {'conv_impl': 'xla', 'upsample_impl': 'repeat'}
+# function and parameters as any other `conv_impl`, `upsample_impl` and `nin_impl`
+# (`models.subpixel` needs 4/9 of an Upsample conv's multiplies, so counting the compiled
+# program's would credit the faster formulation with less work).
+MODEL_FORM = {'conv_impl': 'xla', 'upsample_impl': 'repeat', 'nin_impl': 'dense'}
 
 
 def get_config(
