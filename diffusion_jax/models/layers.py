@@ -123,7 +123,7 @@ def conv3x3(
 def nin(
     features: int,
     *,
-    name: str,
+    name: str | None,
     dtype: Any,
     param_dtype: Any,
     init_scale: float = 1.0,
