@@ -1,15 +1,14 @@
 """layers.nin / layers.Conv1x1 (the 1x1 layers as XLA convolutions) against the same layer in
 float64 numpy, and the U-Net with either form of its 1x1 layers."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import models
-from diffusion_jax.models import layers, unet
+from diffusion_jax.models import layers
+from tests import unet_forms
 
 
 def _rng_arrays(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
@@ -77,33 +76,12 @@ class NinTest(parameterized.TestCase):
 
     def test_unet_has_the_same_params_and_outputs_either_way(self):
         # Shortcuts on both paths and an attention block at 4x4 besides the middle one's.
-        kwargs = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
-        nets = {impl: unet.UNet(dropout=0.0, nin_impl=impl, **kwargs) for impl in ('dense', 'conv')}
-        x = jnp.asarray(_rng_arrays(2, (2, 8, 8, 1))[0], jnp.float32)
-        t = jnp.array([3, 200], jnp.int32)
-        inits = {
-            impl: jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x, t)
-            for impl, net in nets.items()
-        }
-        jax.tree.map(np.testing.assert_array_equal, inits['conv'], inits['dense'])
-        self.assertIn('nin_shortcut', inits['conv']['params']['up_0_block_0'])
-        # Random weights everywhere (proj_out and the output conv start near zero).
-        params = jax.tree.map(
-            lambda p: jnp.asarray(0.2 * np.random.default_rng(p.size).normal(size=p.shape)),
-            inits['dense'],
-        )
-
-        def loss(net):
-            return lambda p: jnp.mean(jnp.square(net.apply(p, x, t, train=False) - x))
-
-        grad_fns = {impl: jax.jit(jax.value_and_grad(loss(net))) for impl, net in nets.items()}
-        values = {impl: fn(params) for impl, fn in grad_fns.items()}
-        np.testing.assert_allclose(values['conv'][0], values['dense'][0], rtol=1e-5)
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-            values['conv'][1],
-            values['dense'][1],
-        )
+        init = unet_forms.assert_same_params_and_function(
+            'nin_impl', ('dense', 'conv'), ch=32, ch_mult=(1, 2), num_res_blocks=1,
+            attn_resolutions=(4,),
+        )  # fmt: skip
+        self.assertIn('nin_shortcut', init['params']['up_0_block_0'])
+        self.assertIn('q', init['params']['down_1_attn_0'])
 
 
 if __name__ == '__main__':

@@ -1,16 +1,14 @@
 """models.subpixel and Upsample(impl='subpixel') against nearest-neighbour x2 then a 3x3 conv
 computed tap by tap in float64 numpy (`tests.np_conv`)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from diffusion_jax import models
-from diffusion_jax.models import layers, subpixel, unet
-from tests import np_conv
+from diffusion_jax.models import layers, subpixel
+from tests import np_conv, unet_forms
 
 
 def _np_upsample_conv(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -103,36 +101,10 @@ class SubpixelTest(parameterized.TestCase):
             models.upsample_impl('nearest', 'cpu')
 
     def test_unet_has_the_same_params_and_outputs_either_way(self):
-        kwargs = dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=())
-        nets = {
-            impl: unet.UNet(dropout=0.0, upsample_impl=impl, **kwargs)
-            for impl in ('repeat', 'subpixel')
-        }
-        x = jnp.asarray(_rng_arrays(2, (2, 8, 8, 1))[0], jnp.float32)
-        t = jnp.array([3, 200], jnp.int32)
-        inits = {
-            impl: jax.jit(functools.partial(net.init, train=False))(jax.random.key(0), x, t)
-            for impl, net in nets.items()
-        }
-        jax.tree.map(np.testing.assert_array_equal, inits['subpixel'], inits['repeat'])
-        # Random weights everywhere (the fresh output conv is zero), then a train-style gradient.
-        params = jax.tree.map(
-            lambda p: jnp.asarray(0.2 * np.random.default_rng(p.size).normal(size=p.shape)),
-            inits['repeat'],
-        )
-
-        def loss(net):
-            return lambda p: jnp.mean(jnp.square(net.apply(p, x, t, train=False) - x))
-
-        values = {
-            impl: jax.jit(jax.value_and_grad(loss(net)))(params) for impl, net in nets.items()
-        }
-        np.testing.assert_allclose(values['subpixel'][0], values['repeat'][0], rtol=1e-5)
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-            values['subpixel'][1],
-            values['repeat'][1],
-        )
+        unet_forms.assert_same_params_and_function(
+            'upsample_impl', ('repeat', 'subpixel'), ch=32, ch_mult=(1, 2), num_res_blocks=1,
+            attn_resolutions=(),
+        )  # fmt: skip
 
 
 if __name__ == '__main__':
