@@ -400,7 +400,7 @@ class TrainStepTest(parameterized.TestCase):
 
     def test_the_cpu_compile_options_take_the_same_steps_as_xlas_defaults(self):
         config = tiny_config()
-        config.model.ch_mult = (1,)  # one level: two compilations of the step in a few seconds
+        config.model.ch_mult = (1,)  # one level: a smaller step to compile twice
         d = experiment.create_diffusion(config)
         model = models.get_model(config)
         tx, lr_fn = train_state_lib.create_optimizer(config.optim)
