@@ -37,6 +37,7 @@ from diffusion_jax import (
     timestep_sampling,
     train_eval,
     workdir_lock,
+    xla_cpu,
 )
 from diffusion_jax import diffusion as diffusion_lib
 from diffusion_jax import train_state as train_state_lib
@@ -279,8 +280,7 @@ def train_step_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     option; else None (XLA's defaults)."""
     if mesh.devices.flat[0].platform != 'cpu':
         return None
-    flags = os.environ.get('XLA_FLAGS', '')
-    if any(f'--{key}' in flags for key in CPU_TRAIN_STEP_COMPILER_OPTIONS):
+    if any(xla_cpu.xla_flags_name(f'--{key}') for key in CPU_TRAIN_STEP_COMPILER_OPTIONS):
         return None
     return CPU_TRAIN_STEP_COMPILER_OPTIONS
 

@@ -85,11 +85,16 @@ def apply_defaults() -> bool:
     return _apply_defaults()
 
 
+def xla_flags_name(flag: str) -> bool:
+    """Whether XLA_FLAGS mention `flag` ('--name' or '--name=value': its name counts)."""
+    return flag.split('=')[0] in os.environ.get('XLA_FLAGS', '')
+
+
 def _apply_defaults() -> bool:
     if not jaxlib_knows_the_flag() or _backends_started():
         return False
     current = os.environ.get('XLA_FLAGS', '')
-    added = [flag for flag in default_flags() if flag.split('=')[0] not in current]
+    added = [flag for flag in default_flags() if not xla_flags_name(flag)]
     if added:
         os.environ['XLA_FLAGS'] = ' '.join([*current.split(), *added])
     return bool(added)
