@@ -93,6 +93,7 @@ SCHEMA: dict[str, Field] = {
     'model.conv_impl': Field(str, choices=options.CONV_IMPLS),
     'model.upsample_impl': Field(str, choices=options.UPSAMPLE_IMPLS),
     'model.nin_impl': Field(str, choices=options.NIN_IMPLS),
+    'model.conv_vjp': Field(str, choices=options.CONV_VJPS),
     'model.rescale_timesteps': Field(bool),
     'model.num_classes': Field(int, bounds=_NON_NEGATIVE),  # 0: unconditional
     'diffusion.num_timesteps': Field(int, bounds='[2, inf)'),  # t=0 needs a t=1 to clip to
@@ -598,6 +599,7 @@ _COMPUTATION_ONLY_KEYS = (
     'model.conv_impl',
     'model.upsample_impl',
     'model.nin_impl',
+    'model.conv_vjp',
 )
 # Weight keys added after checkpoints were first written, with the value that such older
 # checkpoints were trained with: a stored config without the key means that value.

@@ -34,6 +34,14 @@ AUTO_UPSAMPLE_IMPL = {'cpu': 'subpixel', 'gpu': 'repeat', 'tpu': 'repeat'}
 NIN_METHODS = ('conv', 'dense')  # what 'auto' resolves to: layers.nin's impl
 NIN_IMPLS = ('auto', *NIN_METHODS)
 AUTO_NIN_IMPL = {'cpu': 'conv', 'gpu': 'dense', 'tpu': 'dense'}
+# How the convolutions' gradients are computed (models.conv.conv2d): 'jax' (JAX's transpose
+# rules) or 'nhwc' (both written as forward NHWC/HWIO convolutions, which XLA:CPU runs as Eigen
+# convolutions inside loop bodies too, where it leaves JAX's as slow generic loops: lax.scan,
+# microbatches). 'auto' takes AUTO_CONV_VJP of the backend: 'nhwc' on the CPU (equal bit for bit
+# to 'jax' outside loops; BENCHMARKS.md), 'jax' where it was not measured. The same function.
+CONV_VJP_METHODS = ('jax', 'nhwc')  # what 'auto' resolves to: models.conv.conv2d's vjp
+CONV_VJPS = ('auto', *CONV_VJP_METHODS)
+AUTO_CONV_VJP = {'cpu': 'nhwc', 'gpu': 'jax', 'tpu': 'jax'}
 # The stride-2 downsampling conv's padding: TF 'SAME' (the original's) or PyTorch's 1 per side.
 DOWNSAMPLE_PADDINGS = ('same', 'symmetric')
 BETA_SCHEDULES = ('const', 'cosine', 'jsd', 'linear', 'linear_iddpm', 'quad')

@@ -152,6 +152,11 @@ _BAD_CONFIGS = (
         ["config.model.nin_impl: unknown value 'einsum'", "['auto', 'conv', 'dense']"],
     ),
     (
+        'unknown_conv_vjp_names_the_choices',
+        {'model.conv_vjp': 'nchw'},
+        ["config.model.conv_vjp: unknown value 'nchw'", "['auto', 'jax', 'nhwc']"],
+    ),
+    (
         'norm_epsilon_must_be_positive',
         {'model.norm_epsilon': 0.0},
         ['config.model.norm_epsilon: must be in (0, 1), got 0.0'],

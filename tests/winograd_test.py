@@ -36,7 +36,7 @@ class WinogradTest(parameterized.TestCase):
 
     def test_a_strided_winograd_module_is_refused_and_conv3x3_falls_back_to_xla(self):
         x = np.zeros((1, 4, 4, 2), np.float32)
-        module = layers.MatmulConv3x3(3, strides=2, impl='winograd')
+        module = layers.Conv3x3(3, strides=2, impl='winograd')
         with self.assertRaisesRegex(ValueError, 'stride 1 and padding 1'):
             module.init(jax.random.key(0), x)
         fallback = layers.conv3x3(3, name='conv', strides=2, impl='winograd', dtype=np.float32,

@@ -74,6 +74,10 @@ def _model() -> ml_collections.ConfigDict:
     # options.NIN_IMPLS: 'auto' (options.AUTO_NIN_IMPL of the backend), 'dense' (the original's
     # matmul) or 'conv' (a 1x1 convolution). Same weights, results.
     model.nin_impl = 'auto'
+    # How the convolutions' gradients are computed, one of options.CONV_VJPS: 'auto'
+    # (options.AUTO_CONV_VJP of the backend), 'jax' (JAX's transpose rules) or 'nhwc' (forward
+    # NHWC convolutions, fast inside XLA:CPU's loops too: microbatches). Same weights, results.
+    model.conv_vjp = 'auto'
     # The network sees t * 1000 / T instead of t (Improved DDPM's default), so that its timestep
     # embedding spans the same range for any T. Defines the weights' meaning.
     model.rescale_timesteps = False

@@ -59,6 +59,11 @@ def nin_impl(name: str, platform: str | None = None) -> str:
     return _resolve('nin_impl', name, options.NIN_IMPLS, options.AUTO_NIN_IMPL, 'dense', platform)
 
 
+def conv_vjp(name: str, platform: str | None = None) -> str:
+    """`config.model.conv_vjp` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
+    return _resolve('conv_vjp', name, options.CONV_VJPS, options.AUTO_CONV_VJP, 'jax', platform)
+
+
 def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
     """Builds the denoising network that `config.model` describes.
 
@@ -67,7 +72,7 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
             `diffusion.model_var_type` and, for `model.rescale_timesteps`,
             `diffusion.num_timesteps`.
         device: the device whose cuDNN support and platform decide the attention,
-            `conv_impl='auto'`, `upsample_impl='auto'` and `nin_impl='auto'`; None (the
+            `conv_impl`, `upsample_impl`, `nin_impl` and `conv_vjp` 'auto'; None (the
             default): this machine's first device.
 
     Returns:
@@ -99,6 +104,7 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
         conv_impl=conv_impl(m.conv_impl, platform),
         upsample_impl=upsample_impl(m.upsample_impl, platform),
         nin_impl=nin_impl(m.nin_impl, platform),
+        conv_vjp=conv_vjp(m.conv_vjp, platform),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(device),

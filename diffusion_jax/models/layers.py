@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import options
-from diffusion_jax.models import subpixel, winograd
+from diffusion_jax.models import conv, subpixel, winograd
 
 # The original uses tf.contrib.layers.group_norm, whose epsilon is 1e-6 (PyTorch ports use 1e-5).
 GROUP_NORM_EPSILON = 1e-6
@@ -85,19 +85,21 @@ def conv3x3(
     strides: int = 1,
     padding: str | tuple[tuple[int, int], tuple[int, int]] = 'SAME',
     impl: str = 'xla',
+    vjp: str = 'jax',
 ) -> nn.Module:
     """A 3x3 conv with TF 'SAME' padding (or explicit padding) and the original's initializer.
 
     Args:
-        impl: 'xla' (XLA's convolution, `nn.Conv`), 'im2col' (one matmul over the 9 shifted
-            copies of the input, concatenated on the channel axis), 'shifted' (a sum of 9
-            matmuls, one per kernel tap) or 'winograd' (`models.winograd`, for a stride-1
-            conv padded by 1 on every side; XLA's for any other). The same parameters and
-            function whichever it is.
+        impl: 'xla' (XLA's convolution), 'im2col' (one matmul over the 9 shifted copies of the
+            input, concatenated on the channel axis), 'shifted' (a sum of 9 matmuls, one per
+            kernel tap) or 'winograd' (`models.winograd`, for a stride-1 conv padded by 1 on
+            every side; XLA's for any other). The same parameters and function whichever it is.
+        vjp: the gradients of XLA's convolution: 'jax' (`nn.Conv`) or 'nhwc'
+            (`models.conv.conv2d`'s).
     """
     if impl == 'winograd' and not winograd.applies(strides, padding):
         impl = 'xla'
-    if impl == 'xla':
+    if impl == 'xla' and vjp == 'jax':
         return nn.Conv(
             features,
             kernel_size=(3, 3),
@@ -108,12 +110,13 @@ def conv3x3(
             param_dtype=param_dtype,
             name=name,
         )
-    return MatmulConv3x3(
+    return Conv3x3(
         features,
         strides=strides,
         padding=padding,
         init_scale=init_scale,
         impl=impl,
+        vjp=vjp,
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
@@ -128,6 +131,7 @@ def nin(
     param_dtype: Any,
     init_scale: float = 1.0,
     impl: str = 'dense',
+    vjp: str = 'jax',
 ) -> nn.Module:
     """The original's `nin`: a 1x1 layer on the channel axis of [B, H, W, C_in], kernel
     [C_in, C_out] and bias [C_out] with the original's initializer.
@@ -135,16 +139,13 @@ def nin(
     Args:
         impl: 'dense' (`nn.Dense`, a matmul over the channel axis) or 'conv' (`Conv1x1`, XLA's
             1x1 convolution; options.NIN_IMPLS). The same parameters and function either way.
+        vjp: the convolution's gradients for impl 'conv' (`models.conv.conv2d`'s vjp).
     """
     options.check_choice('nin impl', impl, options.NIN_METHODS)
-    cls = nn.Dense if impl == 'dense' else Conv1x1
-    return cls(
-        features,
-        kernel_init=default_init(init_scale),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    kwargs = {'kernel_init': default_init(init_scale), 'dtype': dtype, 'param_dtype': param_dtype}
+    if impl == 'dense':
+        return nn.Dense(features, name=name, **kwargs)
+    return Conv1x1(features, vjp=vjp, name=name, **kwargs)
 
 
 class Conv1x1(nn.Module):
@@ -159,12 +160,14 @@ class Conv1x1(nn.Module):
     Attributes:
         features: C_out.
         kernel_init: initializer of the [C_in, C_out] kernel.
+        vjp: `models.conv.conv2d`'s vjp.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     features: int
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -176,10 +179,7 @@ class Conv1x1(nn.Module):
                             self.param_dtype)  # fmt: skip
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, kernel[None, None], (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-        )
-        return y + bias
+        return conv.conv2d(x, kernel[None, None], 1, 'VALID', self.vjp) + bias
 
 
 def _pads(size: int, stride: int, padding: Any, axis: int) -> tuple[int, int]:
@@ -191,8 +191,8 @@ def _pads(size: int, stride: int, padding: Any, axis: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class MatmulConv3x3(nn.Module):
-    """`nn.Conv`'s 3x3 convolution computed as matmuls: the same params ('kernel' [3, 3, Cin,
+class Conv3x3(nn.Module):
+    """`nn.Conv`'s 3x3 convolution computed another way: the same params ('kernel' [3, 3, Cin,
     Cout], 'bias' [Cout]), initialisation and function.
 
     Attributes:
@@ -201,8 +201,10 @@ class MatmulConv3x3(nn.Module):
         padding: 'SAME' (TF's) or ((top, bottom), (left, right)).
         init_scale: `default_init`'s scale of the kernel.
         impl: 'im2col' (one [B Ho Wo, 9 Cin] x [9 Cin, Cout] matmul), 'shifted' (nine
-            [B Ho Wo, Cin] x [Cin, Cout] matmuls, summed) or 'winograd' (16 [B Ho Wo / 4,
-            Cin] x [Cin, Cout] matmuls; stride 1 and padding 1 per side only).
+            [B Ho Wo, Cin] x [Cin, Cout] matmuls, summed), 'winograd' (16 [B Ho Wo / 4,
+            Cin] x [Cin, Cout] matmuls; stride 1 and padding 1 per side only) or 'xla'
+            (`models.conv.conv2d`, whose gradients `vjp` chooses).
+        vjp: `models.conv.conv2d`'s vjp, for impl 'xla'.
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -212,18 +214,21 @@ class MatmulConv3x3(nn.Module):
     padding: Any = 'SAME'
     init_scale: float = 1.0
     impl: str = 'im2col'
+    vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, Cin] -> [B, Ho, Wo, Cout]."""
-        options.check_choice('conv impl', self.impl, ('im2col', 'shifted', 'winograd'))
+        options.check_choice('conv impl', self.impl, ('im2col', 'shifted', 'winograd', 'xla'))
         _, h, w, cin = x.shape
         kernel_init = default_init(self.init_scale)
         kernel = self.param('kernel', kernel_init, (3, 3, cin, self.features), self.param_dtype)
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == 'xla':
+            return conv.conv2d(x, kernel, self.strides, self.padding, self.vjp) + bias
         if self.impl == 'winograd':
             if not winograd.applies(self.strides, self.padding):
                 raise ValueError('Winograd convs take stride 1 and padding 1 per side only')
@@ -291,6 +296,7 @@ class ResnetBlock(nn.Module):
         scale_shift: modulate the second GroupNorm by the timestep embedding (see above).
         conv_impl: how the 3x3 convs are computed (`conv3x3`'s `impl`).
         nin_impl: how the 1x1 shortcut is computed (`nin`'s `impl`).
+        conv_vjp: the convolutions' gradients (`models.conv.conv2d`'s `vjp`).
         separate_skip_gradients: concatenate a skip with `concat_channels`, whose gradients
             leave the backward pass as buffers of their own (the U-Net sets it with remat, where
             it keeps the peak memory down); else `jnp.concatenate`. The same numbers either way.
@@ -305,6 +311,7 @@ class ResnetBlock(nn.Module):
     scale_shift: bool = False
     conv_impl: str = 'xla'
     nin_impl: str = 'dense'
+    conv_vjp: str = 'jax'
     separate_skip_gradients: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -337,7 +344,8 @@ class ResnetBlock(nn.Module):
         norm = {'num_groups': self.num_groups, 'epsilon': self.epsilon, **dtypes}
 
         h = nn.swish(nn.GroupNorm(name='norm1', **norm)(x))
-        h = conv3x3(out_ch, name='conv1', impl=self.conv_impl, **dtypes)(h)
+        convs = {'impl': self.conv_impl, 'vjp': self.conv_vjp, **dtypes}
+        h = conv3x3(out_ch, name='conv1', **convs)(h)
         width = 2 * out_ch if self.scale_shift else out_ch
         temb_proj = nn.Dense(width, kernel_init=default_init(), name='temb_proj', **dtypes)
         emb = temb_proj(nn.swish(temb))[:, None, None, :]
@@ -349,10 +357,10 @@ class ResnetBlock(nn.Module):
         h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Near-zero init makes each fresh block start close to the identity.
-        h = conv3x3(out_ch, init_scale=0.0, name='conv2', impl=self.conv_impl, **dtypes)(h)
+        h = conv3x3(out_ch, init_scale=0.0, name='conv2', **convs)(h)
 
         if in_ch != out_ch:
-            x = nin(out_ch, name='nin_shortcut', impl=self.nin_impl, **dtypes)(x)
+            x = nin(out_ch, name='nin_shortcut', impl=self.nin_impl, vjp=self.conv_vjp, **dtypes)(x)
         return x + h
 
 
@@ -419,6 +427,7 @@ class AttnBlock(nn.Module):
         cudnn_max_head_dim: `cudnn_max_head_dim()` of the machine, decided when the model is
             built; None (the default) always uses XLA's attention.
         nin_impl: how q, k, v and proj_out are computed (`nin`'s `impl`).
+        conv_vjp: their gradients with nin_impl 'conv' (`models.conv.conv2d`'s `vjp`).
     """
 
     num_heads: int = 1
@@ -428,6 +437,7 @@ class AttnBlock(nn.Module):
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
     nin_impl: str = 'dense'
+    conv_vjp: str = 'jax'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -443,7 +453,8 @@ class AttnBlock(nn.Module):
         b, height, width, c = x.shape
         dtypes = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
         h = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, name='norm', **dtypes)(x)
-        q, k, v = (nin(c, name=name, impl=self.nin_impl, **dtypes)(h) for name in 'qkv')
+        nins = {'impl': self.nin_impl, 'vjp': self.conv_vjp, **dtypes}
+        q, k, v = (nin(c, name=name, **nins)(h) for name in 'qkv')
         if c % self.num_heads:
             raise ValueError(f'{self.num_heads} attention heads cannot split {c} channels')
         head_dim = c // self.num_heads
@@ -452,7 +463,7 @@ class AttnBlock(nn.Module):
         implementation = attention_implementation(q.dtype, head_dim, self.cudnn_max_head_dim)
         h = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         h = h.reshape(b, height, width, c)
-        h = nin(c, init_scale=0.0, name='proj_out', impl=self.nin_impl, **dtypes)(h)
+        h = nin(c, init_scale=0.0, name='proj_out', **nins)(h)
         return x + h
 
 
@@ -467,6 +478,7 @@ class Downsample(nn.Module):
         with_conv: use the conv (else average pooling, which has no parameters).
         padding: the conv's padding: 'same' (the original's) or 'symmetric' (1 on every side).
         conv_impl: how the conv is computed (`conv3x3`'s `impl`).
+        conv_vjp: its gradients (`models.conv.conv2d`'s `vjp`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -474,6 +486,7 @@ class Downsample(nn.Module):
     with_conv: bool = True
     padding: str = 'same'
     conv_impl: str = 'xla'
+    conv_vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -487,6 +500,7 @@ class Downsample(nn.Module):
                 strides=2,
                 padding='SAME' if self.padding == 'same' else ((1, 1), (1, 1)),
                 impl=self.conv_impl,
+                vjp=self.conv_vjp,
                 name='conv',
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -507,6 +521,7 @@ class Upsample(nn.Module):
         impl: 'repeat' (repeat each pixel, then the 3x3 conv: the original's computation) or
             'subpixel' (`models.subpixel`: four 2x2 convs of the input with XLA's convolution,
             2.25x fewer multiplies). The same parameters and function.
+        conv_vjp: the convolutions' gradients (`models.conv.conv2d`'s `vjp`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
@@ -514,6 +529,7 @@ class Upsample(nn.Module):
     with_conv: bool = True
     conv_impl: str = 'xla'
     impl: str = 'repeat'
+    conv_vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -522,16 +538,21 @@ class Upsample(nn.Module):
         """Upsamples x: [B, H, W, C] -> [B, 2H, 2W, C]."""
         options.check_choice('upsample impl', self.impl, options.UPSAMPLE_METHODS)
         if self.with_conv and self.impl == 'subpixel':
-            conv = UpsampleConv3x3(
-                x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name='conv'
+            up = UpsampleConv3x3(
+                x.shape[-1],
+                vjp=self.conv_vjp,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name='conv',
             )
-            return conv(x)
+            return up(x)
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
             x = conv3x3(
                 x.shape[-1],
                 name='conv',
                 impl=self.conv_impl,
+                vjp=self.conv_vjp,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             )(x)
@@ -545,11 +566,13 @@ class UpsampleConv3x3(nn.Module):
 
     Attributes:
         features: Cout.
+        vjp: the four convolutions' gradients (`models.conv.conv2d`'s `vjp`).
         dtype: compute dtype.
         param_dtype: parameter storage dtype.
     """
 
     features: int
+    vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -560,7 +583,7 @@ class UpsampleConv3x3(nn.Module):
         kernel = self.param('kernel', default_init(), shape, self.param_dtype)
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return subpixel.upsample_conv3x3(x, kernel) + bias
+        return subpixel.upsample_conv3x3(x, kernel, self.vjp) + bias
 
 
 # The same blocks, recomputed in the backward pass instead of keeping their activations

@@ -22,7 +22,7 @@ changes), gradients included, and the parameters are the same 3x3 kernel.
 import jax
 import jax.numpy as jnp
 
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+from diffusion_jax.models import conv
 
 
 def _parity_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -31,12 +31,13 @@ def _parity_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)
 
 
-def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def upsample_conv3x3(x: jax.Array, kernel: jax.Array, vjp: str = 'jax') -> jax.Array:
     """conv3x3_same(nearest_upsample_x2(x), kernel), computed as four 2x2 convs of x.
 
     Args:
         x: [B, H, W, Cin].
         kernel: [3, 3, Cin, Cout], of x's dtype.
+        vjp: the convolutions' gradients (`models.conv.conv2d`'s `vjp`).
 
     Returns:
         [B, 2H, 2W, Cout], without bias.
@@ -49,11 +50,7 @@ def upsample_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
         parities = []
         for c, kernel_ab in enumerate(_parity_taps(row_kernel, 1)):
             padding = ((1 - a, a), (1 - c, c))
-            parities.append(
-                jax.lax.conv_general_dilated(
-                    x, kernel_ab, (1, 1), padding, dimension_numbers=_DIMENSION_NUMBERS
-                )
-            )
+            parities.append(conv.conv2d(x, kernel_ab, 1, padding, vjp))
         rows.append(jnp.stack(parities, axis=3))  # [B, H, W, 2 (column parity), Cout]
     y = jnp.stack(rows, axis=2)  # [B, H, 2 (row parity), W, 2, Cout]
     return y.reshape(b, 2 * h, 2 * w, kernel.shape[-1])

@@ -44,6 +44,8 @@ class UNet(nn.Module):
             'repeat' or 'subpixel' (`layers.Upsample`); the same parameters and function.
         nin_impl: how the 1x1 layers (residual shortcuts, attention's q, k, v and proj_out)
             are computed: 'dense' or 'conv' (`layers.nin`); the same parameters and function.
+        conv_vjp: how the convolutions' gradients are computed: 'jax' or 'nhwc'
+            (`models.conv.conv2d`); the same function.
         dtype: compute dtype; the output is float32 whatever it is.
         param_dtype: parameter storage dtype.
         cudnn_max_head_dim: `layers.cudnn_max_head_dim()` of the machine, which `get_model`
@@ -77,6 +79,7 @@ class UNet(nn.Module):
     conv_impl: str = 'xla'
     upsample_impl: str = 'repeat'
     nin_impl: str = 'dense'
+    conv_vjp: str = 'jax'
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_max_head_dim: int | None = None
@@ -94,6 +97,7 @@ class UNet(nn.Module):
             scale_shift=self.scale_shift_norm,
             conv_impl=self.conv_impl,
             nin_impl=self.nin_impl,
+            conv_vjp=self.conv_vjp,
             separate_skip_gradients=self.remat,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
@@ -111,6 +115,7 @@ class UNet(nn.Module):
             param_dtype=self.param_dtype,
             cudnn_max_head_dim=self.cudnn_max_head_dim,
             nin_impl=self.nin_impl,
+            conv_vjp=self.conv_vjp,
             name=name,
         )
 
@@ -120,6 +125,7 @@ class UNet(nn.Module):
             init_scale=init_scale,
             name=name,
             impl=self.conv_impl,
+            vjp=self.conv_vjp,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -129,6 +135,7 @@ class UNet(nn.Module):
         return cls(
             with_conv=self.resamp_with_conv,
             conv_impl=self.conv_impl,
+            conv_vjp=self.conv_vjp,
             **kwargs,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
