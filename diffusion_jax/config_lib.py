@@ -106,6 +106,7 @@ SCHEMA: dict[str, Field] = {
     'training.batch_size': Field(int, bounds=_POSITIVE),
     'training.num_microbatches': Field(int, bounds=_POSITIVE),  # divides it: _check_microbatches
     'training.num_train_steps': Field(int, bounds=_NON_NEGATIVE),
+    'training.steps_per_call': Field(int, bounds=_POSITIVE),  # train.steps_per_call
     'training.log_every_steps': Field(int, bounds=_POSITIVE),
     'training.checkpoint_every_steps': Field(int, bounds=_POSITIVE),
     'training.keep_checkpoints': Field(int, bounds=_POSITIVE),

@@ -7,6 +7,7 @@ key folded with the step, so a resumed run draws exactly the numbers an uninterr
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -285,9 +286,42 @@ def train_step_compiler_options(mesh: Mesh) -> dict[str, Any] | None:
     return CPU_TRAIN_STEP_COMPILER_OPTIONS
 
 
-def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
+def train_steps(
+    state: train_state_lib.TrainState,
+    batches: tuple[dict[str, jax.Array], ...],
+    rng: jax.Array,
+    *,
+    step_fn: Callable,
+) -> tuple[train_state_lib.TrainState, dict[str, jax.Array]]:
+    """`len(batches)` calls of `step_fn(state, batch, rng)` as one `lax.scan`: the same steps.
+
+    Returns:
+      (new state, metrics): the last step's metrics, and `nonfinite_steps`, every step's
+      `nonfinite` flag ([len(batches)]).
+    """
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches)  # [k, B, ...]
+    state, metrics = jax.lax.scan(lambda s, batch: step_fn(s, batch, rng), state, stacked)
+    last = {key: value[-1] for key, value in metrics.items()}
+    return state, {**last, 'nonfinite_steps': metrics['nonfinite']}
+
+
+def steps_per_call(training: ml_collections.ConfigDict) -> int:
+    """`training.steps_per_call` reduced to divide each cadence the loop acts on (logging,
+    checkpoints, sample grids, evaluation), so that a call of that many steps from a multiple of
+    it never passes a step that must log, save, draw or score."""
+    cadences = (
+        training.log_every_steps,
+        training.checkpoint_every_steps,
+        training.sample_every_steps,
+        training.eval_every_steps,
+    )
+    return math.gcd(training.steps_per_call, *(every for every in cadences if every))
+
+
+def make_jit_train_step(config, diffusion, learning_rate_fn, mesh, num_steps: int = 1):
     """`train_step` jitted once with shardings, the state donated, compiled with
-    `train_step_compiler_options(mesh)`."""
+    `train_step_compiler_options(mesh)`; with `num_steps` > 1, `train_steps` of that many steps,
+    called with a tuple of `num_steps` global batches."""
     step_fn = functools.partial(
         train_step,
         diffusion=diffusion,
@@ -298,6 +332,8 @@ def make_jit_train_step(config, diffusion, learning_rate_fn, mesh):
         label_dropout=config.training.label_dropout,
         ema_decays=tuple(config.optim.ema_decays),
     )
+    if num_steps > 1:
+        step_fn = functools.partial(train_steps, step_fn=step_fn)
     replicated = parallel.replicated(mesh)
     return jax.jit(
         step_fn,
@@ -358,21 +394,31 @@ class NonFiniteError(errors.UserError, FloatingPointError):
 class _NonFiniteSteps:
     """Counts skipped (non-finite) steps and stops the run after too many in a row.
 
-    Each step's flag is read one step late, when the next step is already queued, so the check
-    does not stall the device pipeline.
+    Each call's flags are read one call late, when the next call is already queued, so the
+    check does not stall the device pipeline.
     """
 
     def __init__(self, max_in_a_row: int):
         self.max_in_a_row, self.in_a_row, self.total = max_in_a_row, 0, 0
         self.pending: tuple[int, jax.Array] | None = None
 
-    def check(self, step: int | None, flag: jax.Array | None) -> None:
-        """Reads the previous step's flag, then remembers this one's (None: flush)."""
-        previous, self.pending = self.pending, None if step is None else (step, flag)
+    def check(self, step: int | None, flags: jax.Array | None) -> None:
+        """Reads the previous call's flags, then remembers this one's (None: flush).
+
+        Args:
+            step: the steps done after this call.
+            flags: the `nonfinite` flag of the call's step, or [n] flags of its last n steps.
+        """
+        previous, self.pending = self.pending, None if step is None else (step, flags)
         if previous is None:
             return
-        done, prev_flag = previous
-        if not float(jax.device_get(prev_flag)):
+        last, prev_flags = previous
+        prev_flags = np.atleast_1d(jax.device_get(prev_flags))
+        for done, flag in enumerate(prev_flags, start=last - len(prev_flags) + 1):
+            self._count(done, bool(flag))
+
+    def _count(self, done: int, nonfinite: bool) -> None:
+        if not nonfinite:
             self.in_a_row = 0
             return
         self.in_a_row += 1
@@ -390,6 +436,47 @@ class _NonFiniteSteps:
                 '--config.optim.learning_rate, check the data, or raise '
                 '--config.training.max_nonfinite_steps.'
             )
+
+
+class _StepCalls:
+    """The loop's compiled calls: `steps_per_call(training)` steps per call from each multiple
+    of it, single steps elsewhere (after a resume from another step, and at the end). Each is
+    compiled on first use."""
+
+    def __init__(self, exp: experiment.Experiment, mesh: Mesh):
+        self.exp, self.mesh = exp, mesh
+        training = exp.config.training
+        self.per_call, self.total = steps_per_call(training), training.num_train_steps
+        if self.per_call != training.steps_per_call:
+            logging.info(
+                'training.steps_per_call %d -> %d: a divisor of every logging, checkpoint, '
+                'sample and eval cadence',
+                training.steps_per_call,
+                self.per_call,
+            )
+        self.compiled: dict[int, Callable] = {}
+
+    def size(self, step: int) -> int:
+        """The steps of the call that starts after `step` steps."""
+        whole = step % self.per_call == 0 and step + self.per_call <= self.total
+        return self.per_call if whole else 1
+
+    def __call__(self, state, batches: list, rng: jax.Array):
+        """`len(batches)` steps from `state`: (new state, metrics)."""
+        n = len(batches)
+        if n not in self.compiled:
+            if n < self.per_call:
+                logging.info(
+                    'step %d is not a multiple of training.steps_per_call %d: single steps '
+                    'until one is (their own compiled call)',
+                    int(state.step),
+                    self.per_call,
+                )
+            config, exp = self.exp.config, self.exp
+            self.compiled[n] = make_jit_train_step(
+                config, exp.diffusion, exp.learning_rate_fn, self.mesh, num_steps=n
+            )
+        return self.compiled[n](state, batches[0] if n == 1 else tuple(batches), rng)
 
 
 def _grid_sampler(exp: experiment.Experiment, mesh: Mesh) -> sampling.SampleFn | None:
@@ -574,7 +661,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
     state, local_batches = _start(exp, ckpt, init_rng, mesh)
     start_step, files = int(state.step), lead.LeadWriter()
     batches = parallel.prefetch_to_mesh(local_batches, mesh)
-    jit_train_step = make_jit_train_step(config, exp.diffusion, exp.learning_rate_fn, mesh)
+    calls = _StepCalls(exp, mesh)
     progress = _Progress(
         start_step, training.num_train_steps, training.batch_size, lead=files.is_lead
     )
@@ -585,12 +672,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
             run.evaluator = train_eval.Evaluator(exp, mesh, workdir)
         with preemption.PreemptionGuard() as guard:
             nonfinite = _NonFiniteSteps(training.max_nonfinite_steps)
-            for step in range(start_step, training.num_train_steps):
-                state, metrics = jit_train_step(state, next(batches), train_rng)
-                nonfinite.check(step + 1, metrics['nonfinite'])
-                run.after_step(step + 1, state, metrics)
-                if guard.should_stop(step + 1):
-                    logging.warning('preemption requested: saving step %d and stopping', step + 1)
+            step = start_step
+            while step < training.num_train_steps:
+                n = calls.size(step)
+                state, metrics = calls(state, [next(batches) for _ in range(n)], train_rng)
+                step += n
+                nonfinite.check(step, metrics.pop('nonfinite_steps', metrics['nonfinite']))
+                run.after_step(step, state, metrics)
+                if guard.should_stop(step):
+                    logging.warning('preemption requested: saving step %d and stopping', step)
                     break
             nonfinite.check(None, None)  # the last step's flag
             run.finish(state)

@@ -164,6 +164,51 @@ class TrainLoopTest(parameterized.TestCase):
         self.assertTrue(_leaves_equal(straight.ema_params, resumed.ema_params))
         self.assertTrue(_leaves_equal(straight.opt_state, resumed.opt_state))
 
+    def test_several_steps_per_call_take_the_same_steps_logs_and_checkpoints(self):
+        from tensorboard.backend.event_processing import event_accumulator
+
+        calls = []  # (run, steps in the call)
+        make_jit = train.make_jit_train_step
+
+        def recording(*args, num_steps=1, **kwargs):
+            step_fn = make_jit(*args, num_steps=num_steps, **kwargs)
+
+            def call(state, batch, rng):
+                calls[-1].append(num_steps)
+                return step_fn(state, batch, rng)
+
+            return call
+
+        def run(workdir, num_train_steps, per_call):
+            # steps_per_call 4 is lowered to 2, the greatest divisor of both cadences.
+            config = tiny_config(num_train_steps=num_train_steps, log_every_steps=2,
+                                 checkpoint_every_steps=2, steps_per_call=per_call)  # fmt: skip
+            config.model.update(ch=16, num_groups=8, ch_mult=(1,))  # compiles in a few seconds
+            calls.append([])
+            with mock.patch.object(train, 'make_jit_train_step', recording):
+                return train.train_and_evaluate(config, workdir)
+
+        def losses(workdir):
+            acc = event_accumulator.EventAccumulator(workdir, size_guidance={'scalars': 0})
+            acc.Reload()
+            return {e.step: e.value for e in acc.Scalars('loss')}
+
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+            one = run(a, 9, 1)
+            run(b, 5, 4)  # 0 -> 2 -> 4 in calls of 2, then step 5 alone
+            several = run(b, 9, 4)  # resumed at 5: step 6 alone, 6 -> 8, step 9 alone
+            self.assertEqual(calls, [[1] * 9, [2, 2, 1], [1, 2, 1]])
+            self.assertTrue(_leaves_equal(one.params, several.params))
+            self.assertTrue(_leaves_equal(one.ema_params, several.ema_params))
+            self.assertTrue(_leaves_equal(one.opt_state, several.opt_state))
+            self.assertEqual(sorted(losses(a)), [2, 4, 6, 8, 9])
+            self.assertEqual(sorted(losses(b)), [2, 4, 5, 6, 8, 9])
+            for step, loss in losses(a).items():
+                self.assertEqual(losses(b)[step], loss)
+            saved = {d: sorted(os.listdir(os.path.join(d, 'checkpoints'))) for d in (a, b)}
+            self.assertEqual(saved[a], ['6', '8', '9'])
+            self.assertEqual(saved[b], ['6', '8', '9'])
+
     def test_the_cifar10_recipe_runs_on_mock_data(self):
         # The paper's recipe (tfds pipeline, random flips, optimizer, EMA) at a smaller batch, on
         # a smaller U-Net: XLA:CPU compiles the paper's network's train step in 164 s (2026-12-07,
@@ -193,6 +238,32 @@ class TrainLoopTest(parameterized.TestCase):
         self.assertEqual(jax.tree.structure(new_state), jax.tree.structure(state))
         for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
             self.assertEqual((a.shape, a.dtype), (b.shape, b.dtype))
+
+
+class StepsPerCallTest(absltest.TestCase):
+    def test_steps_per_call_divides_every_cadence(self):
+        config = tiny_config(steps_per_call=10, log_every_steps=100, checkpoint_every_steps=1000)
+        self.assertEqual(train.steps_per_call(config.training), 10)
+        config.training.sample_every_steps = 25
+        self.assertEqual(train.steps_per_call(config.training), 5)
+        config.training.eval_every_steps = 4
+        self.assertEqual(train.steps_per_call(config.training), 1)
+        config.training.update(steps_per_call=3, sample_every_steps=0, eval_every_steps=0)
+        self.assertEqual(train.steps_per_call(config.training), 1)
+
+    def test_non_finite_flags_of_a_call_count_step_by_step(self):
+        checker = train._NonFiniteSteps(max_in_a_row=3)
+        checker.check(4, np.array([0.0, 1.0, 0.0, 1.0]))  # steps 1..4, read on the next call
+        with self.assertLogs(level='WARNING') as logs:
+            checker.check(8, np.array([1.0, 0.0, 0.0, 0.0]))
+        self.assertEqual(checker.total, 2)
+        self.assertIn('step 2: non-finite', logs.output[0])
+        self.assertIn('step 4: non-finite', logs.output[1])
+        checker.check(9, np.float32(1.0))  # reads steps 5..8: step 5 follows step 4 in a row
+        self.assertEqual((checker.in_a_row, checker.total), (0, 3))
+        checker.check(12, np.array([1.0, 1.0, 1.0]))  # reads step 9's flag; the row starts
+        with self.assertRaisesRegex(FloatingPointError, r'3 steps in a row \(up to step 11\)'):
+            checker.check(None, None)
 
 
 @pytest.mark.slow  # compiles two train steps
