@@ -546,15 +546,28 @@ _EIGHT_DEVICES = textwrap.dedent(
             state = tsl.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
             state = jax.device_put(state, parallel.replicated(mesh))
             step = train.make_jit_train_step(config, d, lr_fn, mesh)
-            for _ in range(3):
+            for i in range(3):
                 b = jax.device_put(batch, parallel.batch_sharding(mesh))
                 state, metrics = step(state, b, jax.random.key(1))
+                if i == 1:
+                    two_steps = jax.device_get(state.params)
             results.append((jax.device_get(state.params), float(metrics['loss'])))
         (p1, l1), (p8, l8) = results
         np.testing.assert_allclose(l8, l1, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
         print('MATCH', slices, l1, l8)
+    # Two steps in one call (training.steps_per_call) on the 8 devices, each of two microbatches
+    # as in the last run: its first two steps.
+    state = tsl.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+    state = jax.device_put(state, parallel.replicated(mesh))
+    pair = train.make_jit_train_step(config, d, lr_fn, mesh, num_steps=2)
+    b = jax.device_put(batch, parallel.batch_sharding(mesh))
+    state, metrics = pair(state, (b, b), jax.random.key(1))
+    assert metrics['nonfinite_steps'].shape == (2,), metrics['nonfinite_steps']
+    for a, b in zip(jax.tree.leaves(two_steps), jax.tree.leaves(jax.device_get(state.params))):
+        np.testing.assert_array_equal(b, a)
+    print('MATCH two steps per call')
     """
 )
 
@@ -574,6 +587,7 @@ class MultiDeviceTest(parameterized.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn('MATCH 1 ', proc.stdout)  # one slice
         self.assertIn('MATCH 2 ', proc.stdout)  # two microbatches
+        self.assertIn('MATCH two steps per call', proc.stdout)
 
 
 @pytest.mark.slow  # trains in a subprocess
