@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.training.batch_size = 64
     config.training.num_train_steps = 8000
-    config.training.steps_per_call = 10  # 10 steps per call: 6 to 15% faster on a CPU
+    # 10 steps per compiled call: 6 to 15% faster steps alone on 2 cores, the first command 3%.
+    config.training.steps_per_call = 10
     config.training.log_every_steps = 100
     config.training.checkpoint_every_steps = 1000
     config.training.sample_every_steps = 4000
