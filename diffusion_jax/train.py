@@ -467,10 +467,12 @@ class _StepCalls:
         if n not in self.compiled:
             if n < self.per_call:
                 logging.info(
-                    'step %d is not a multiple of training.steps_per_call %d: single steps '
-                    'until one is (their own compiled call)',
+                    'from step %d, single steps (their own compiled call): a call of '
+                    'training.steps_per_call=%d steps starts only on a multiple of it and ends '
+                    'by step %d',
                     int(state.step),
                     self.per_call,
+                    self.total,
                 )
             config, exp = self.exp.config, self.exp
             self.compiled[n] = make_jit_train_step(
