@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax import models
 from diffusion_jax.models import conv
 from tests import np_conv, unet_forms
 
@@ -83,14 +82,6 @@ class Conv2dTest(parameterized.TestCase):
             conv.conv2d(jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 4, 2)))
         with self.assertRaisesRegex(ValueError, 'conv vjp'):
             conv.conv2d(jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 3, 2)), vjp='nchw')
-
-    def test_auto_is_nhwc_on_the_cpu_only(self):
-        self.assertEqual(models.conv_vjp('auto', 'cpu'), 'nhwc')
-        self.assertEqual(models.conv_vjp('auto', 'gpu'), 'jax')
-        self.assertEqual(models.conv_vjp('auto', 'tpu'), 'jax')
-        self.assertEqual(models.conv_vjp('jax', 'cpu'), 'jax')
-        with self.assertRaisesRegex(ValueError, 'config.model.conv_vjp'):
-            models.conv_vjp('nchw', 'cpu')
 
 
 def _loop_body_conv_labels(vjp: str) -> list[str]:

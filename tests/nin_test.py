@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax import models
 from diffusion_jax.models import layers
 from tests import unet_forms
 
@@ -65,14 +64,6 @@ class NinTest(parameterized.TestCase):
     def test_conv1x1_refuses_a_flat_input(self):
         with self.assertRaises(AssertionError):
             layers.Conv1x1(4).init(jax.random.key(0), jnp.zeros((2, 3)))
-
-    def test_auto_is_conv_on_the_cpu_only(self):
-        self.assertEqual(models.nin_impl('auto', 'cpu'), 'conv')
-        self.assertEqual(models.nin_impl('auto', 'gpu'), 'dense')
-        self.assertEqual(models.nin_impl('auto', 'tpu'), 'dense')
-        self.assertEqual(models.nin_impl('dense', 'cpu'), 'dense')
-        with self.assertRaisesRegex(ValueError, 'config.model.nin_impl'):
-            models.nin_impl('einsum', 'cpu')
 
     def test_unet_has_the_same_params_and_outputs_either_way(self):
         # Shortcuts on both paths and an attention block at 4x4 besides the middle one's.

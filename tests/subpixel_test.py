@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from diffusion_jax import models
 from diffusion_jax.models import layers, subpixel
 from tests import np_conv, unet_forms
 
@@ -91,14 +90,6 @@ class SubpixelTest(parameterized.TestCase):
     def test_unknown_upsample_impl_is_refused(self):
         with self.assertRaisesRegex(ValueError, 'upsample impl'):
             layers.Upsample(impl='bilinear').init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)))
-
-    def test_auto_is_subpixel_on_the_cpu_only(self):
-        self.assertEqual(models.upsample_impl('auto', 'cpu'), 'subpixel')
-        self.assertEqual(models.upsample_impl('auto', 'gpu'), 'repeat')
-        self.assertEqual(models.upsample_impl('auto', 'tpu'), 'repeat')
-        self.assertEqual(models.upsample_impl('repeat', 'cpu'), 'repeat')
-        with self.assertRaisesRegex(ValueError, 'config.model.upsample_impl'):
-            models.upsample_impl('nearest', 'cpu')
 
     def test_unet_has_the_same_params_and_outputs_either_way(self):
         unet_forms.assert_same_params_and_function(

@@ -313,6 +313,23 @@ class ResnetBlockTest(parameterized.TestCase):
         np.testing.assert_allclose(out, skip + hn, rtol=1e-4, atol=1e-4)
 
 
+class AutoOptionTest(parameterized.TestCase):
+    @parameterized.parameters(
+        # (key, 'auto' on the CPU, on GPUs and TPUs, a named choice, an unknown name)
+        ('conv_impl', 'xla', 'xla', 'im2col', 'fft'),
+        ('upsample_impl', 'subpixel', 'repeat', 'repeat', 'nearest'),
+        ('nin_impl', 'conv', 'dense', 'dense', 'einsum'),
+        ('conv_vjp', 'nhwc', 'jax', 'jax', 'nchw'),
+    )
+    def test_auto_resolves_per_platform(self, key, cpu, accelerators, named, unknown):
+        self.assertEqual(models.resolve(key, 'auto', 'cpu'), cpu)
+        self.assertEqual(models.resolve(key, 'auto', 'gpu'), accelerators)
+        self.assertEqual(models.resolve(key, 'auto', 'tpu'), accelerators)
+        self.assertEqual(models.resolve(key, named, 'cpu'), named)
+        with self.assertRaisesRegex(ValueError, f'config.model.{key}'):
+            models.resolve(key, unknown, 'cpu')
+
+
 class ConvImplTest(parameterized.TestCase):
     @parameterized.product(
         impl=('im2col', 'shifted', 'winograd'),

@@ -21,47 +21,25 @@ def _get_dtype(name: str, key: str) -> Any:
     return jnp.dtype(name)
 
 
-def _resolve(
-    key: str,
-    name: str,
-    choices: tuple[str, ...],
-    auto: dict[str, str],
-    default: str,
-    platform: str | None,
-) -> str:
-    """`config.model.<key>` checked, with 'auto' taken from `auto` for `platform` (None: this
-    machine's default backend; a platform `auto` does not name gets `default`)."""
+# The computation-only options that take 'auto': (their choices, what 'auto' is per platform, what
+# it is on a platform not named there).
+_AUTO_OPTIONS = {
+    'conv_impl': (options.CONV_IMPLS, options.AUTO_CONV_IMPL, 'xla'),
+    'upsample_impl': (options.UPSAMPLE_IMPLS, options.AUTO_UPSAMPLE_IMPL, 'repeat'),
+    'nin_impl': (options.NIN_IMPLS, options.AUTO_NIN_IMPL, 'dense'),
+    'conv_vjp': (options.CONV_VJPS, options.AUTO_CONV_VJP, 'jax'),
+}
+
+
+def resolve(key: str, name: str, platform: str | None = None) -> str:
+    """`config.model.<key>` (a key of `_AUTO_OPTIONS`: conv_impl, upsample_impl, nin_impl,
+    conv_vjp) checked, with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu'; None: this
+    machine's default backend)."""
+    choices, auto, default = _AUTO_OPTIONS[key]
     options.check_choice(f'config.model.{key}', name, choices)
     if name != 'auto':
         return name
     return auto.get(platform or jax.default_backend(), default)
-
-
-def conv_impl(name: str, platform: str | None = None) -> str:
-    """`config.model.conv_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
-    return _resolve('conv_impl', name, options.CONV_IMPLS, options.AUTO_CONV_IMPL, 'xla', platform)
-
-
-def upsample_impl(name: str, platform: str | None = None) -> str:
-    """`config.model.upsample_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
-    return _resolve(
-        'upsample_impl',
-        name,
-        options.UPSAMPLE_IMPLS,
-        options.AUTO_UPSAMPLE_IMPL,
-        'repeat',
-        platform,
-    )
-
-
-def nin_impl(name: str, platform: str | None = None) -> str:
-    """`config.model.nin_impl` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
-    return _resolve('nin_impl', name, options.NIN_IMPLS, options.AUTO_NIN_IMPL, 'dense', platform)
-
-
-def conv_vjp(name: str, platform: str | None = None) -> str:
-    """`config.model.conv_vjp` with 'auto' resolved for `platform` ('cpu', 'gpu', 'tpu')."""
-    return _resolve('conv_vjp', name, options.CONV_VJPS, options.AUTO_CONV_VJP, 'jax', platform)
 
 
 def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNet:
@@ -101,10 +79,10 @@ def get_model(config: ml_collections.ConfigDict, device: Any = None) -> unet.UNe
         scale_shift_norm=m.use_scale_shift_norm,
         time_embedding=m.time_embedding,
         downsample_padding=m.downsample_padding,
-        conv_impl=conv_impl(m.conv_impl, platform),
-        upsample_impl=upsample_impl(m.upsample_impl, platform),
-        nin_impl=nin_impl(m.nin_impl, platform),
-        conv_vjp=conv_vjp(m.conv_vjp, platform),
+        conv_impl=resolve('conv_impl', m.conv_impl, platform),
+        upsample_impl=resolve('upsample_impl', m.upsample_impl, platform),
+        nin_impl=resolve('nin_impl', m.nin_impl, platform),
+        conv_vjp=resolve('conv_vjp', m.conv_vjp, platform),
         dtype=_get_dtype(m.dtype, 'dtype'),
         param_dtype=_get_dtype(m.param_dtype, 'param_dtype'),
         cudnn_max_head_dim=layers.cudnn_max_head_dim(device),

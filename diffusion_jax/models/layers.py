@@ -182,15 +182,6 @@ class Conv1x1(nn.Module):
         return conv.conv2d(x, kernel[None, None], 1, 'VALID', self.vjp) + bias
 
 
-def _pads(size: int, stride: int, padding: Any, axis: int) -> tuple[int, int]:
-    """(before, after) zero rows of a 3-wide window along one axis: TF 'SAME' or explicit."""
-    if padding != 'SAME':
-        return tuple(padding[axis])
-    out = -(-size // stride)
-    total = max((out - 1) * stride + 3 - size, 0)
-    return total // 2, total - total // 2
-
-
 class Conv3x3(nn.Module):
     """`nn.Conv`'s 3x3 convolution computed another way: the same params ('kernel' [3, 3, Cin,
     Cout], 'bias' [Cout]), initialisation and function.
@@ -234,7 +225,7 @@ class Conv3x3(nn.Module):
                 raise ValueError('Winograd convs take stride 1 and padding 1 per side only')
             return winograd.conv3x3(x, kernel) + bias
         s = self.strides
-        (top, bottom), (left, right) = (_pads(n, s, self.padding, i) for i, n in enumerate((h, w)))
+        (top, bottom), (left, right) = conv.explicit_padding(self.padding, (h, w), (3, 3), s)
         xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
         ho, wo = (h + top + bottom - 3) // s + 1, (w + left + right - 3) // s + 1
         taps = [
