@@ -22,9 +22,10 @@ The cache changes how long tests take, never what they compute: a cached program
 XLA executable that compiling would give.
 
 In this process, `jax_disable_most_optimizations` compiles with XLA's backend optimisation level
-0, as `fast_compile.py` does for the subprocesses: the same HLO program with the same numerics
-(XLA:CPU uses no fast-math either way), less optimised machine code, compiled in a fraction of
-the time. No test times anything. The numerics tests compare against NumPy with their own
+0, as `fast_compile.py` does for the subprocesses, and XLA:CPU's fast-compile preset is added to
+XLA_FLAGS, which the subprocesses inherit: the same computations with the same numerics
+(XLA:CPU uses no fast-math either way), less optimised code, compiled in a fraction of the
+time. No test times anything. The numerics tests compare against NumPy with their own
 tolerances and pass with it; a module that needed the optimised compile would be listed in
 `_FULLY_OPTIMIZED` with the reason.
 
@@ -38,12 +39,14 @@ import os
 import shutil
 import tempfile
 
+import fast_compile  # imports no JAX
+
 from diffusion_jax import xla_cpu  # imports no JAX
 
-# The test processes run jaxlib's own XLA:CPU defaults, even where a test imports the command
-# line (whose import would set `xla_cpu.DEFAULT_FLAGS` before JAX starts): the tests'
-# tolerances were measured with them. Subprocesses start afresh; `tests/xla_cpu_test.py` checks
-# the command line's default in processes of its own.
+# The test processes run jaxlib's own XLA:CPU defaults (but the preset below), even where a
+# test imports the command line (whose import would set `xla_cpu.DEFAULT_FLAGS` before JAX
+# starts): the tests' tolerances were measured with them. Subprocesses start afresh;
+# `tests/xla_cpu_test.py` checks the command line's default in processes of its own.
 xla_cpu.apply_defaults = lambda: False
 
 _OWNED_CACHE_DIR = None
@@ -53,6 +56,15 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
     os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 * 2**30))
 
+
+# XLA:CPU's fast-compile preset for this process and, through the environment, every
+# subprocess (`fast_compile.py`); XLA reads XLA_FLAGS when JAX starts a backend. Not where a GPU
+# or TPU plugin is installed, whose own XLA reads the same variable.
+_flags = os.environ.get('XLA_FLAGS', '').split()
+if not xla_cpu.accelerator_plugin_installed() and not any(
+    flag.startswith('--xla_cpu_opt_preset') for flag in _flags
+):
+    os.environ['XLA_FLAGS'] = ' '.join([*_flags, *fast_compile.PRESET_FLAGS])
 
 import jax  # noqa: E402  (after the cache settings above, which JAX reads at import)
 import pytest  # noqa: E402
