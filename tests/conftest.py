@@ -23,9 +23,9 @@ XLA executable that compiling would give.
 
 In this process, `jax_disable_most_optimizations` compiles with XLA's backend optimisation level
 0, as `fast_compile.py` does for the subprocesses, and XLA:CPU's fast-compile preset is added to
-XLA_FLAGS, which the subprocesses inherit: the same computations with the same numerics
-(XLA:CPU uses no fast-math either way), less optimised code, compiled in a fraction of the
-time. No test times anything. The numerics tests compare against NumPy with their own
+XLA_FLAGS, which the subprocesses inherit: the same computations (XLA:CPU uses no fast-math
+either way; float32 sums may round differently), less optimised code, compiled in a fraction of
+the time. No test times anything. The numerics tests compare against NumPy with their own
 tolerances and pass with it; a module that needed the optimised compile would be listed in
 `_FULLY_OPTIMIZED` with the reason.
 

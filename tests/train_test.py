@@ -481,10 +481,22 @@ class TrainStepTest(parameterized.TestCase):
                 train.train_step_compiler_options(mesh), train.CPU_TRAIN_STEP_COMPILER_OPTIONS
             )
             step = train.make_jit_train_step(config, d, lr_fn, mesh)
-        with mock.patch.dict(os.environ, {'XLA_FLAGS': '--xla_backend_optimization_level=0'}):
+        level, preset = (
+            '--xla_backend_optimization_level=0',
+            '--xla_cpu_opt_preset=CPU_OPT_PRESET_DEFAULT',
+        )
+        with mock.patch.dict(os.environ, {'XLA_FLAGS': level}):  # the flag's option is dropped
+            self.assertEqual(
+                train.train_step_compiler_options(mesh),
+                {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE'},
+            )
+        with mock.patch.dict(os.environ, {'XLA_FLAGS': f'{preset} {level}'}):
             self.assertIsNone(train.train_step_compiler_options(mesh))
         step_fn = functools.partial(train.train_step, diffusion=d, learning_rate_fn=lr_fn)
-        defaults = jax.jit(functools.partial(step_fn, ema_decay=config.optim.ema_decay))
+        defaults = jax.jit(  # XLA's default preset, whatever the tests' XLA_FLAGS say
+            functools.partial(step_fn, ema_decay=config.optim.ema_decay),
+            compiler_options={'xla_cpu_opt_preset': 'CPU_OPT_PRESET_DEFAULT'},
+        )
         rng = jax.random.key(2)
         states = []
         for fn in (step, defaults):
