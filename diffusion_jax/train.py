@@ -273,8 +273,8 @@ def train_step(
 # optimisation level 1 instead of 3 compiles the digits network's step in about 20 s instead of
 # 24 on 2 cores and runs it as fast, with the same numbers (0 runs it 4x slower); XLA:CPU's
 # fast-compile preset, which skips its costliest optimisation passes, takes the 10-step call's
-# compilation from about 26 to 17 s more, at the same speed and within float32 rounding.
-# Accelerators keep XLA's defaults; a CPU run keeps XLA's default of each option its XLA_FLAGS set.
+# compilation from about 26 s to 17 s, at the same speed and within float32 rounding.
+# Accelerators keep XLA's defaults; on a CPU, an option that XLA_FLAGS set keeps their value.
 CPU_TRAIN_STEP_COMPILER_OPTIONS = {
     'xla_backend_optimization_level': 1,
     'xla_cpu_opt_preset': 'CPU_OPT_PRESET_FAST_COMPILE',
