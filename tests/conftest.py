@@ -60,11 +60,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # XLA:CPU's fast-compile preset for this process and, through the environment, every
 # subprocess (`fast_compile.py`); XLA reads XLA_FLAGS when JAX starts a backend. Not where a GPU
 # or TPU plugin is installed, whose own XLA reads the same variable.
-_flags = os.environ.get('XLA_FLAGS', '').split()
-if not xla_cpu.accelerator_plugin_installed() and not any(
-    flag.startswith('--xla_cpu_opt_preset') for flag in _flags
-):
-    os.environ['XLA_FLAGS'] = ' '.join([*_flags, *fast_compile.PRESET_FLAGS])
+if not (xla_cpu.accelerator_plugin_installed() or xla_cpu.xla_flags_name('--xla_cpu_opt_preset')):
+    os.environ['XLA_FLAGS'] = ' '.join(
+        [*os.environ.get('XLA_FLAGS', '').split(), *fast_compile.PRESET_FLAGS]
+    )
 
 import jax  # noqa: E402  (after the cache settings above, which JAX reads at import)
 import pytest  # noqa: E402
