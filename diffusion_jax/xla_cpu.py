@@ -36,7 +36,8 @@ DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot',)
 JAXLIB_DEFAULT_FLAGS = (f'{YNN_FLAG}=individual_dot,individual_convolution',)
 # Keeps jax.checkpoint's optimization barriers through XLA:CPU's CSE (CPU-only hosts).
 KEEP_BARRIERS_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
-# The jaxlib versions whose XLA knows the flag (XLA aborts on an unknown one): [0.10, 0.13).
+# The jaxlib versions whose XLA knows the flag, and XLA:CPU's `--xla_cpu_opt_preset` that the
+# tests use (XLA aborts on an unknown one; 0.10.2, 0.11.2 and 0.12.1 checked): [0.10, 0.13).
 JAXLIB_VERSIONS = ((0, 10), (0, 13))
 
 

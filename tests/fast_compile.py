@@ -21,16 +21,17 @@ import pathlib
 import subprocess
 import sys
 
+from diffusion_jax import xla_cpu  # imports no JAX
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-_JAXLIB = tuple(int(p) for p in importlib.metadata.version('jaxlib').split('.')[:2])
-# The jaxlib versions whose XLA was checked to know the preset: [0.10, 0.13).
+# Only for the jaxlib versions whose XLA was checked to know the preset (`xla_cpu.JAXLIB_VERSIONS`).
 PRESET_FLAGS = (
-    ('--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE',) if (0, 10) <= _JAXLIB < (0, 13) else ()
+    ('--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE',) if xla_cpu.jaxlib_knows_the_flag() else ()
 )
 FLAGS = ('--xla_backend_optimization_level=0', *PRESET_FLAGS)
 # XLA of jaxlib 0.11+ has no classic CPU emitters and aborts on the flag.
-if _JAXLIB < (0, 11):
+if tuple(int(p) for p in importlib.metadata.version('jaxlib').split('.')[:2]) < (0, 11):
     FLAGS += ('--xla_cpu_use_fusion_emitters=false',)
 
 
